@@ -1,0 +1,1 @@
+"""Channel adapters: they move bytes between the engine's actions and the outside world."""

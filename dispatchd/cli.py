@@ -1,0 +1,238 @@
+"""The ``dispatchd`` command: serve, send, tail, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+EXAMPLES = """\
+examples:
+  dispatchd serve --config demo/config.toml
+  dispatchd send --contract C00003 --mw 1.5 --start +10m --end +70m
+  dispatchd tail --since 0
+  dispatchd demo
+
+The client commands (send, tail) read the service URL from --url or FLEXOPS_URL
+(default http://127.0.0.1:8080) and the bearer token from --token or FLEXOPS_TOKEN.
+"""
+
+
+def _when(text: str) -> str:
+    """``now``, ``+15m``/``+2h``/``+30s`` from now, or an ISO 8601 time with an offset."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    if text == "now":
+        return now.isoformat()
+    match = re.fullmatch(r"\+(\d+)([smh])", text)
+    if match:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours"}[match[2]]
+        return (now + dt.timedelta(**{unit: int(match[1])})).isoformat()
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not now, +Nm/+Nh or an ISO time") from None
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a UTC offset (e.g. +00:00 or Z)")
+    return parsed.isoformat()
+
+
+def _client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("FLEXOPS_URL", "http://127.0.0.1:8080"),
+                        help="dispatchd base URL (env FLEXOPS_URL)")
+    parser.add_argument("--token", default=os.environ.get("FLEXOPS_TOKEN"),
+                        help="bearer token of an SO or FSP (env FLEXOPS_TOKEN)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dispatchd",
+        description="flexops dispatch service: accepts SO instructions, journals them "
+        "durably and delivers them to FSPs until they acknowledge.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the service",
+                           description="Run dispatchd: replay the journal, re-send anything "
+                           "unacknowledged, then serve the HTTP API and MQTT delivery.")
+    serve.add_argument("--config", required=True, type=Path,
+                       help="TOML configuration (see docs/configuration.md)")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="overrides service.listen")
+    serve.add_argument("--mqtt", metavar="URL", help="overrides mqtt.url (mqtt://HOST:PORT)")
+
+    send = sub.add_parser("send", help="issue an instruction as an SO",
+                          description="Issue one instruction and print the service's answer. "
+                          "Exit status 0 when accepted, 1 when refused.")
+    _client_args(send)
+    send.add_argument("--contract", required=True, help="contract id")
+    send.add_argument("--mw", type=float, help="flat capacity in MW")
+    send.add_argument("--profile", help="comma-separated MW per half hour from start")
+    send.add_argument("--start", required=True, type=_when, help="now, +15m, or ISO time")
+    send.add_argument("--end", required=True, type=_when, help="+90m, or ISO time")
+    send.add_argument("--respond-by", type=_when, help="default: the contract's response time")
+    send.add_argument("--id", help="idempotency key (default: generated)")
+    send.add_argument("--assets", help="comma-separated subset of the obligated assets")
+    send.add_argument("--note", default="")
+    send.add_argument("--override", metavar="REASON", help="force out-of-contract terms")
+    send.add_argument("--test", action="store_true", help="mark as a test instruction")
+
+    tail = sub.add_parser("tail", help="follow instructions and their states live",
+                          description="Print one line per instruction change visible to the "
+                          "token's SO or FSP, oldest first, then keep following.")
+    _client_args(tail)
+    tail.add_argument("--since", type=int, default=0, help="cursor to start after (default 0)")
+    tail.add_argument("--interval", type=float, default=0.5, help="poll interval in seconds")
+    tail.add_argument("--once", action="store_true", help="print what is there and exit")
+
+    demo = sub.add_parser("demo", help="run the whole stack on a sample market and report",
+                          description="Start a private Mosquitto, dispatchd on a sample "
+                          "market, simulated FSP control centres and an SO control room; "
+                          "print a summary and exit.")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"),
+                      help="working directory for contracts, config and journal")
+    demo.add_argument("--instructions", type=int, default=300, help="size of the burst")
+    demo.add_argument("--rate", type=float, default=100.0, help="instructions per second")
+    return parser
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    if not token:
+        sys.exit("dispatchd: a token is needed (--token or FLEXOPS_TOKEN)")
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _print_refusal(response: httpx.Response) -> None:
+    try:
+        body = response.json()
+    except ValueError:
+        print(f"refused ({response.status_code}): {response.text}", file=sys.stderr)
+        return
+    print(f"refused ({response.status_code}, {body.get('error')}):", file=sys.stderr)
+    for problem in body.get("problems", []):
+        print(f"  {problem['field']}: {problem['reason']}", file=sys.stderr)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"contract_id": args.contract, "start": args.start, "end": args.end,
+                            "note": args.note, "test": args.test}
+    for key, value in (("capacity_mw", args.mw), ("respond_by", args.respond_by),
+                       ("id", args.id), ("override", args.override)):
+        if value is not None:
+            body[key] = value
+    if args.profile:
+        body["profile_mw"] = [float(v) for v in args.profile.split(",")]
+    if args.assets:
+        body["assets"] = args.assets.split(",")
+    try:
+        response = httpx.post(f"{args.url}/v1/instructions", json=body,
+                              headers=_headers(args.token), timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"dispatchd: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    if response.status_code >= 300:
+        _print_refusal(response)
+        return 1
+    data = response.json()
+    print(f"{'accepted' if data['created'] else 'already submitted'}: {data['id']} "
+          f"revision {data['revision']} state {data['state']}\nstatus: {data['status_url']}")
+    return 0
+
+
+def _tail_line(item: dict[str, Any]) -> str:
+    inst = item["instruction"]
+    latest = item["revisions"][-1]
+    ack = latest["ack"]
+    extra = f" ({ack['response']}: {ack['reason']})" if ack and ack["reason"] else ""
+    return (f"{item['cursor']:>8} {inst['id']:<34} r{inst['revision']:<2} "
+            f"{item['state']:<22} {inst['fsp']:<8} {inst['contract_id']:<8} "
+            f"{inst['capacity_mw']:>6g} MW {inst['start'][11:16]}–{inst['end'][11:16]}Z"
+            f"{extra}")
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    cursor = args.since
+    headers = _headers(args.token)
+    with httpx.Client(base_url=args.url, headers=headers, timeout=10) as client:
+        while True:
+            try:
+                response = client.get("/v1/instructions", params={"since": cursor,
+                                                                  "limit": 1000})
+            except httpx.HTTPError as exc:
+                print(f"dispatchd: {args.url}: {exc}; retrying", file=sys.stderr)
+                time.sleep(max(args.interval, 1.0))
+                continue
+            if response.status_code != 200:
+                _print_refusal(response)
+                return 1
+            data = response.json()
+            for item in data["instructions"]:
+                print(_tail_line(item), flush=True)
+            cursor = data["cursor"]
+            if args.once and not data["instructions"]:
+                return 0
+            if not data["instructions"]:
+                time.sleep(args.interval)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from contracts.io import ContractsFileError, load_contracts
+    from dispatchd.config import ConfigError, load_config
+    from dispatchd.journal import JournalError
+    from dispatchd.service import Service
+
+    try:
+        config = load_config(args.config, listen=args.listen, mqtt=args.mqtt)
+        book = load_contracts(config.service.contracts)
+    except (ConfigError, ContractsFileError) as exc:
+        print(f"dispatchd: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.service.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        runner = asyncio.run
+
+    async def main() -> None:
+        service = Service(config, book)
+        await service.run()
+
+    try:
+        runner(main())
+    except JournalError as exc:
+        print(f"dispatchd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "send":
+        return cmd_send(args)
+    if args.command == "tail":
+        try:
+            return cmd_tail(args)
+        except KeyboardInterrupt:
+            return 0
+    from dispatchd.demo import run_demo
+
+    return run_demo(out=args.out, instructions=args.instructions, rate=args.rate)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

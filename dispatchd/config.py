@@ -1,0 +1,219 @@
+"""dispatchd's configuration: one TOML file, every key with a documented default.
+
+Only the entry point reads files and the environment; everything else receives a
+:class:`Config` (or a part of it). ``docs/configuration.md`` lists every key.
+Secrets are never written in the file itself: tokens are stored as SHA-256 digests, and
+passwords are named by the environment variable that holds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+
+from contracts.io import ContractBook
+from contracts.model import Frozen, Id
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is wrong; the message names the key."""
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+class ServiceConfig(Frozen):
+    listen: str = "127.0.0.1:8080"
+    """Where the HTTP API listens (HOST:PORT)."""
+    public_url: str | None = None
+    """Base URL put in status links; defaults to http://{listen}."""
+    contracts: Path = Path("contracts.json")
+    """The canonical contracts file (relative paths are relative to the config file)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return _host_port(value)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.listen}").rstrip("/")
+
+
+class JournalConfig(Frozen):
+    path: Path = Path("journal.sqlite3")
+    synchronous: Literal["FULL", "NORMAL", "OFF"] = "FULL"
+    """SQLite synchronous mode; FULL makes every commit durable on power loss."""
+    max_batch: int = Field(default=1024, ge=1)
+    """Most records committed in one transaction (group commit)."""
+    max_queue: int = Field(default=20_000, ge=1)
+    """Most records waiting to be committed; beyond it requests get 503."""
+
+
+class MqttConfig(Frozen):
+    url: str = "mqtt://127.0.0.1:1883"
+    """Broker as mqtt://HOST:PORT."""
+    client_id: str = "flexops-dispatchd"
+    username: str | None = None
+    password_env: str | None = None
+    """Environment variable holding the broker password."""
+    topic_prefix: str = "flexops/v1"
+    keepalive_s: int = Field(default=30, ge=5)
+    max_inflight: int = Field(default=1000, ge=1)
+    """QoS 1 messages awaiting PUBACK at once."""
+    max_queue: int = Field(default=100_000, ge=1)
+    """Sends waiting for the broker; beyond it a send is left to the re-send timer."""
+    reconnect_max_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _mqtt_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "mqtt" or not parts.hostname:
+            raise ValueError(f"{value!r} is not mqtt://HOST[:PORT]")
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 1883
+
+    def instructions_topic(self, fsp: str) -> str:
+        return f"{self.topic_prefix}/fsp/{fsp}/instructions"
+
+    def acks_topic(self, fsp: str) -> str:
+        return f"{self.topic_prefix}/fsp/{fsp}/acks"
+
+    def errors_topic(self, fsp: str) -> str:
+        return f"{self.topic_prefix}/fsp/{fsp}/errors"
+
+
+class DeliveryConfig(Frozen):
+    retry_initial_s: float = Field(default=2.0, gt=0)
+    """First re-send of an unacknowledged revision after this long (jittered)."""
+    retry_multiplier: float = Field(default=2.0, ge=1)
+    retry_max_s: float = Field(default=60.0, gt=0)
+    """Re-sends are never further apart than this."""
+
+
+class Principal(Frozen):
+    role: Literal["so", "fsp"]
+    id: Id
+    token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """SHA-256 (hex) of the bearer token; the token itself is never stored."""
+
+
+class AuthConfig(Frozen):
+    principals: tuple[Principal, ...] = ()
+
+
+class Config(Frozen):
+    service: ServiceConfig = ServiceConfig()
+    journal: JournalConfig = JournalConfig()
+    mqtt: MqttConfig = MqttConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    auth: AuthConfig = AuthConfig()
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def load_config(path: str | Path, *, listen: str | None = None, mqtt: str | None = None
+                ) -> Config:
+    """Read the TOML config at ``path``; ``listen``/``mqtt`` override the file's values."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not TOML: {exc}") from exc
+    if listen is not None:
+        raw.setdefault("service", {})["listen"] = listen
+    if mqtt is not None:
+        raw.setdefault("mqtt", {})["url"] = mqtt
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{path}: {len(lines)} problem(s):\n" + "\n".join(lines)) from exc
+    base = path.parent
+    return config.model_copy(update={
+        "service": config.service.model_copy(
+            update={"contracts": base / config.service.contracts}),
+        "journal": config.journal.model_copy(update={"path": base / config.journal.path}),
+    })
+
+
+def mqtt_password(config: MqttConfig) -> str | None:
+    if config.password_env is None:
+        return None
+    value = os.environ.get(config.password_env)
+    if value is None:
+        raise ConfigError(f"mqtt.password_env names {config.password_env}, which is not set")
+    return value
+
+
+def write_sample_config(book: ContractBook, out: Path, *, contracts_name: str = "contracts.json"
+                        ) -> dict[str, dict[str, str]]:
+    """Write ``config.toml`` and ``tokens.json`` (mode 600) with one token per SO and FSP.
+
+    Returns the tokens as ``{"so": {id: token}, "fsp": {id: token}}``.
+    """
+    tokens: dict[str, dict[str, str]] = {
+        "so": {so: secrets.token_urlsafe(24) for so in book.system_operators},
+        "fsp": {fsp: secrets.token_urlsafe(24) for fsp in book.fsps},
+    }
+    lines = [
+        "# dispatchd configuration (see docs/configuration.md for every key and default).",
+        "[service]",
+        'listen = "127.0.0.1:8080"',
+        f'contracts = "{contracts_name}"',
+        "",
+        "[journal]",
+        'path = "journal.sqlite3"',
+        'synchronous = "FULL"',
+        "",
+        "[mqtt]",
+        'url = "mqtt://127.0.0.1:1883"',
+        "",
+        "[delivery]",
+        "retry_initial_s = 2.0",
+        "retry_max_s = 60.0",
+        "",
+        "# One principal per SO and FSP; the tokens themselves are in tokens.json.",
+    ]
+    for role, by_id in tokens.items():
+        for pid, token in by_id.items():
+            lines += ["[[auth.principals]]", f'role = "{role}"', f'id = "{pid}"',
+                      f'token_sha256 = "{token_digest(token)}"', ""]
+    (out / "config.toml").write_text("\n".join(lines), encoding="utf-8")
+    tokens_path = out / "tokens.json"
+    tokens_path.write_text(json.dumps(tokens, indent=1) + "\n", encoding="utf-8")
+    tokens_path.chmod(0o600)
+    return tokens

@@ -1,0 +1,115 @@
+"""A private Mosquitto on a free loopback port, for the demo, the tests and the benchmarks.
+
+Never the machine's shared broker: each :class:`LocalMosquitto` writes its own
+configuration into a directory it owns and listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+
+class BrokerUnavailable(RuntimeError):
+    """Mosquitto is not installed or did not start."""
+
+
+def find_mosquitto() -> str:
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None)
+    if found is None:
+        raise BrokerUnavailable("mosquitto is not installed (Debian package 'mosquitto'); "
+                                "./dev installs it")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalMosquitto:
+    """Start with :meth:`start` (or ``with``); :meth:`kill` and :meth:`start` again to
+    simulate a crash. ``persistence`` keeps queued QoS 1 messages across restarts."""
+
+    def __init__(self, *, port: int | None = None, persistence: bool = True,
+                 directory: Path | None = None, max_queued: int = 100_000) -> None:
+        self.port = port or free_port()
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="flexops-mqtt-")
+        self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.directory / "mosquitto.conf"
+        self.config_path.write_text("\n".join([
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            f"persistence {'true' if persistence else 'false'}",
+            f"persistence_location {self.directory}/",
+            "autosave_interval 1",
+            f"max_queued_messages {max_queued}",
+            "max_inflight_messages 0",
+            "set_tcp_nodelay true",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "",
+        ]))
+        self._log = open(self.directory / "mosquitto.log", "ab")  # noqa: SIM115
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> LocalMosquitto:
+        self.process = subprocess.Popen(
+            [find_mosquitto(), "-c", str(self.config_path)],
+            stdout=self._log, stderr=self._log, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BrokerUnavailable(
+                    f"mosquitto exited with {self.process.returncode}; see "
+                    f"{self.directory / 'mosquitto.log'}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.02)
+        self.kill()
+        raise BrokerUnavailable(f"mosquitto did not listen on port {self.port} in {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL: the broker gets no chance to save anything."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def close(self) -> None:
+        self.stop()
+        self._log.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> LocalMosquitto:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
