@@ -105,9 +105,22 @@ def _field_path(loc: Iterable[Any]) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def _check_rows(name: str, raw: Mapping[str, Any]) -> tuple[dict[str, list[Any]], list[Problem]]:
+def _where(section: str, index: int, row: Any) -> str:
+    ident = row.get("id") if isinstance(row, dict) else getattr(row, "id", None)
+    return f"{section}[{index}]" + (f" (id {ident})" if isinstance(ident, str) else "")
+
+
+@dataclass
+class _Parsed:
+    """Rows that parsed, with their position in the file, and ids of rows that did not."""
+
+    rows: dict[str, list[tuple[int, Any]]] = field(default_factory=dict)
+    refused_ids: set[str] = field(default_factory=set)
+
+
+def _check_rows(name: str, raw: Mapping[str, Any]) -> tuple[_Parsed, list[Problem]]:
     problems: list[Problem] = []
-    parsed: dict[str, list[Any]] = {}
+    parsed = _Parsed()
     version = raw.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         problems.append(
@@ -118,65 +131,73 @@ def _check_rows(name: str, raw: Mapping[str, Any]) -> tuple[dict[str, list[Any]]
             problems.append(Problem(name, "$", key, "unknown section"))
     for section, model in _SECTIONS.items():
         rows = raw.get(section, [])
+        parsed.rows[section] = []
         if not isinstance(rows, list):
             problems.append(Problem(name, section, "", "must be a list"))
             continue
         adapter = TypeAdapter(model)
-        parsed[section] = []
         for index, row in enumerate(rows):
-            position = f"{section}[{index}]"
-            if isinstance(row, dict) and isinstance(row.get("id"), str):
-                position += f" (id {row['id']})"
             try:
-                parsed[section].append(adapter.validate_python(row))
+                parsed.rows[section].append((index, adapter.validate_python(row)))
             except ValidationError as exc:
+                if isinstance(row, dict) and isinstance(row.get("id"), str):
+                    parsed.refused_ids.add(row["id"])
                 for err in exc.errors(include_url=False):
-                    problems.append(Problem(name, position, _field_path(err["loc"]), err["msg"]))
+                    problems.append(Problem(name, _where(section, index, row),
+                                            _field_path(err["loc"]), err["msg"]))
     return parsed, problems
 
 
 def _index(
-    name: str, section: str, rows: list[Any], problems: list[Problem]
+    name: str, section: str, rows: list[tuple[int, Any]], problems: list[Problem]
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for index, row in enumerate(rows):
+    for index, row in rows:
         if row.id in out:
-            problems.append(Problem(name, f"{section}[{index}]", "id", f"duplicate id {row.id!r}"))
+            problems.append(Problem(name, _where(section, index, row), "id",
+                                    f"duplicate id {row.id!r}"))
         out[row.id] = row
     return out
 
 
-def _cross_check(name: str, parsed: dict[str, list[Any]]) -> tuple[ContractBook, list[Problem]]:
+def _cross_check(name: str, parsed: _Parsed) -> tuple[ContractBook, list[Problem]]:
+    """Check references between rows. A reference to a row refused for its own problems
+    is not reported again: that row's problem is the one to fix."""
     problems: list[Problem] = []
-    sos = _index(name, "system_operators", parsed["system_operators"], problems)
-    fsps = _index(name, "fsps", parsed["fsps"], problems)
-    assets = _index(name, "assets", parsed["assets"], problems)
-    contracts = _index(name, "contracts", parsed["contracts"], problems)
-    for i, asset in enumerate(parsed["assets"]):
-        if asset.fsp not in fsps:
-            problems.append(Problem(name, f"assets[{i}]", "fsp", f"unknown FSP {asset.fsp!r}"))
-    for i, contract in enumerate(parsed["contracts"]):
-        where = f"contracts[{i}] (id {contract.id})"
-        if contract.so not in sos:
+    rows = parsed.rows
+    sos = _index(name, "system_operators", rows["system_operators"], problems)
+    fsps = _index(name, "fsps", rows["fsps"], problems)
+    assets = _index(name, "assets", rows["assets"], problems)
+    contracts = _index(name, "contracts", rows["contracts"], problems)
+
+    def missing(ref: str, known: Mapping[str, Any]) -> bool:
+        return ref not in known and ref not in parsed.refused_ids
+
+    for i, asset in rows["assets"]:
+        if missing(asset.fsp, fsps):
+            problems.append(Problem(name, _where("assets", i, asset), "fsp",
+                                    f"unknown FSP {asset.fsp!r}"))
+    for i, contract in rows["contracts"]:
+        where = _where("contracts", i, contract)
+        if missing(contract.so, sos):
             problems.append(Problem(name, where, "so", f"unknown system operator {contract.so!r}"))
-        if contract.fsp not in fsps:
+        if missing(contract.fsp, fsps):
             problems.append(Problem(name, where, "fsp", f"unknown FSP {contract.fsp!r}"))
         for asset_id in contract.assets:
             asset = assets.get(asset_id)
             if asset is None:
-                problems.append(Problem(name, where, "assets", f"unknown asset {asset_id!r}"))
+                if missing(asset_id, assets):
+                    problems.append(Problem(name, where, "assets", f"unknown asset {asset_id!r}"))
             elif asset.fsp != contract.fsp:
                 problems.append(
                     Problem(name, where, "assets",
                             f"asset {asset_id!r} belongs to {asset.fsp!r}, not {contract.fsp!r}")
                 )
     declarations: dict[str, list[AvailabilityDeclaration]] = defaultdict(list)
-    for i, decl in enumerate(parsed["declarations"]):
-        if decl.contract_id not in contracts:
-            problems.append(
-                Problem(name, f"declarations[{i}]", "contract_id",
-                        f"unknown contract {decl.contract_id!r}")
-            )
+    for i, decl in rows["declarations"]:
+        if missing(decl.contract_id, contracts):
+            problems.append(Problem(name, f"declarations[{i}]", "contract_id",
+                                    f"unknown contract {decl.contract_id!r}"))
         declarations[decl.contract_id].append(decl)
     book = ContractBook(
         system_operators=sos,
@@ -193,11 +214,10 @@ def parse_contracts(raw: Any, name: str = "<contracts>") -> ContractBook:
     if not isinstance(raw, dict):
         raise ContractsFileError([Problem(name, "$", "", "the top level must be a JSON object")])
     parsed, problems = _check_rows(name, raw)
-    if problems:
-        raise ContractsFileError(problems)
-    book, problems = _cross_check(name, parsed)
-    if problems:
-        raise ContractsFileError(problems)
+    # Cross-references are checked among the rows that parsed, so one run lists everything.
+    book, cross = _cross_check(name, parsed)
+    if problems or cross:
+        raise ContractsFileError(problems + cross)
     return book
 
 

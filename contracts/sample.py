@@ -98,7 +98,8 @@ def build_sample(
     for i in range(n_contracts):
         fid = fsp_ids[i % n_fsps]
         so = f"SO{rng.randrange(n_sos) + 1}"
-        service = service_names[i % len(service_names)]
+        # Rotate services so that every FSP, whatever the counts, holds several kinds.
+        service = service_names[(i + i // n_fsps) % len(service_names)]
         windows, notice, response = _SERVICES[service]
         pool = by_fsp[fid]
         chosen = tuple(sorted(rng.sample(pool, k=min(len(pool), rng.randint(1, 8)))))

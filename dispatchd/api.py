@@ -8,6 +8,7 @@ Every error has one shape: ``{"error": "...", "problems": [{"field", "reason",
 """
 
 
+import time
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -55,8 +56,36 @@ def _error(status: int, problems: tuple[Problem, ...], *, retry_after: int | Non
     )
 
 
-def create_app(service: Service) -> FastAPI:
-    """The ASGI application serving ``service``."""
+def _endpoint(method: str, path: str) -> str:
+    """A small, fixed set of labels for the latency histogram."""
+    if method == "POST" and path == "/v1/instructions":
+        return "submit"
+    if method == "POST" and path.startswith("/v1/instructions/"):
+        return path.rsplit("/", 1)[-1] if path.count("/") == 4 else "other"
+    return "read" if path.startswith("/v1/") else "other"
+
+
+class _Timed:
+    """ASGI wrapper observing every request's time to answer in ``flexops_accept_seconds``."""
+
+    def __init__(self, app: Any, service: Service) -> None:
+        self.app = app
+        self.histogram = service.metrics.accept_seconds
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.histogram.labels(_endpoint(scope["method"], scope["path"])).observe(
+                time.perf_counter() - started)
+
+
+def create_app(service: Service) -> Any:
+    """The ASGI application serving ``service`` (FastAPI inside a timing wrapper)."""
     app = FastAPI(
         title="flexops dispatchd",
         version="1",
@@ -67,7 +96,6 @@ def create_app(service: Service) -> FastAPI:
         redoc_url=None,
     )
     bearer = HTTPBearer(auto_error=False)
-    base = service.config.service.base_url
 
     @app.exception_handler(Refusal)
     async def _refused(request: Request, exc: Refusal) -> JSONResponse:
@@ -102,7 +130,7 @@ def create_app(service: Service) -> FastAPI:
         return who
 
     def answer(view: InstructionView, created: bool, response: Response) -> dict[str, Any]:
-        url = f"{base}/v1/instructions/{view.id}"
+        url = f"{service.base_url}/v1/instructions/{view.id}"
         response.status_code = 202 if created else 200
         response.headers["Location"] = url
         return {"status_url": url, "created": created, **view.as_json()}
@@ -122,7 +150,8 @@ def create_app(service: Service) -> FastAPI:
         view = service.engine.visible(instruction_id, who.role, who.id)
         if view is None:
             raise Refusal(404, (Problem("id", f"no instruction {instruction_id!r} for {who.id}"),))
-        return {"status_url": f"{base}/v1/instructions/{view.id}", **view.as_json()}
+        return {"status_url": f"{service.base_url}/v1/instructions/{view.id}",
+                **view.as_json()}
 
     @app.get("/v1/instructions", responses=_ERRORS,
              summary="Instructions changed since a cursor, oldest change first")
@@ -169,4 +198,5 @@ def create_app(service: Service) -> FastAPI:
         return Response(generate_latest(service.metrics.registry),
                         media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    timed = _Timed(app, service)
+    return timed

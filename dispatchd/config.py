@@ -56,10 +56,6 @@ class ServiceConfig(Frozen):
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
 
-    @property
-    def base_url(self) -> str:
-        return (self.public_url or f"http://{self.listen}").rstrip("/")
-
 
 class JournalConfig(Frozen):
     path: Path = Path("journal.sqlite3")

@@ -110,6 +110,13 @@ class Service:
         self.port: int | None = None
         self.replayed = 0
 
+    @property
+    def base_url(self) -> str:
+        """Base of status links: ``service.public_url``, else the address actually bound."""
+        if self.config.service.public_url:
+            return self.config.service.public_url.rstrip("/")
+        return f"http://{self.config.service.host}:{self.port or self.config.service.port}"
+
     # ------------------------------------------------------------------ running
 
     def _committed(self, seconds: float, records: int) -> None:

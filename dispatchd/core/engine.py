@@ -425,9 +425,12 @@ class Dispatcher:
         elif tracked.latest.state in AMENDABLE:
             tracked.latest.state = transition(tracked.latest.state, Event.SUPERSEDED)
         event = Event.CANCEL_JOURNALED if inst.kind is Kind.CANCEL else Event.JOURNALED
-        tracked.revisions.append(
-            _Revision(inst, record.content, transition(State.RECEIVED, event), record.at)
-        )
+        # accepted_at is the commit: ``now`` when live; on replay the receipt time, which is
+        # at most one journal transaction earlier.
+        tracked.revisions.append(_Revision(
+            inst, record.content, transition(State.RECEIVED, event),
+            record.at if replay else now,
+        ))
         self._note_change(tracked, seq)
         if replay:
             return []

@@ -1,4 +1,4 @@
-"""A private Mosquitto on a free loopback port, for the demo, the tests and the benchmarks.
+"""Private Mosquitto and dispatchd processes on free loopback ports (demo, tests, benchmarks).
 
 Never the machine's shared broker: each :class:`LocalMosquitto` writes its own
 configuration into a directory it owns and listens on 127.0.0.1 only.
@@ -113,3 +113,56 @@ class LocalMosquitto:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class DispatchdProcess:
+    """``dispatchd serve`` as a separate process, as an operator would run it."""
+
+    def __init__(self, config: Path, *, mqtt_url: str, port: int | None = None,
+                 log: Path | None = None) -> None:
+        self.config = config
+        self.mqtt_url = mqtt_url
+        self.port = port or free_port()
+        self.log_path = log or config.parent / "dispatchd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> DispatchdProcess:
+        import sys
+        import urllib.request
+
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dispatchd.cli", "serve", "--config", str(self.config),
+                 "--listen", f"127.0.0.1:{self.port}", "--mqtt", self.mqtt_url],
+                stdout=log, stderr=log, start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dispatchd exited with {self.process.returncode}; "
+                                   f"see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"dispatchd did not answer in {timeout}s; see {self.log_path}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no flush — what a crash looks like."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
