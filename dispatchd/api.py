@@ -8,6 +8,9 @@ Every error has one shape: ``{"error": "...", "problems": [{"field", "reason",
 """
 
 
+import datetime as dt
+import inspect
+import json
 import time
 from typing import Annotated, Any
 
@@ -19,7 +22,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from dispatchd.core.engine import InstructionView
-from dispatchd.core.instruction import Ack, AmendRequest, CancelRequest, InstructionRequest
+from dispatchd.core.instruction import (
+    Ack,
+    AmendRequest,
+    CancelRequest,
+    Instruction,
+    InstructionRequest,
+)
 from dispatchd.core.validation import Problem
 from dispatchd.service import Caller, Refusal, Service
 
@@ -40,9 +49,51 @@ class ErrorBody(BaseModel):
     problems: list[ProblemBody]
 
 
+class AckOut(BaseModel):
+    response: str
+    reason: str | None
+    at: dt.datetime
+    late: bool
+
+
+class RevisionOut(BaseModel):
+    revision: int
+    kind: str
+    state: str
+    accepted_at: dt.datetime
+    delivered: dict[str, dt.datetime]
+    """First hand-over per channel."""
+    send_attempts: int
+    ack: AckOut | None
+
+
+class InstructionOut(BaseModel):
+    """An instruction: its latest revision in full, and the history of every revision."""
+
+    id: str
+    revision: int
+    state: str
+    cursor: int
+    instruction: Instruction
+    revisions: list[RevisionOut]
+    status_url: str | None = None
+    created: bool | None = None
+    """On create, amend, cancel and ack: false when the call repeated an earlier one."""
+
+
+class PageOut(BaseModel):
+    instructions: list[InstructionOut]
+    cursor: int
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": title} for code, title in _TITLES.items()
 }
+
+
+def _ok(status: int, description: str, model: type[BaseModel] = InstructionOut
+        ) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": model, "description": description}, **_ERRORS}
 
 
 def _error(status: int, problems: tuple[Problem, ...], *, retry_after: int | None = None
@@ -54,6 +105,14 @@ def _error(status: int, problems: tuple[Problem, ...], *, retry_after: int | Non
         {"error": _TITLES.get(status, "error"), "problems": [p.as_json() for p in problems]},
         status_code=status, headers=headers,
     )
+
+
+# Metrics are Prometheus (/metrics). FastAPI versions with native OpenTelemetry check for a
+# provider on every request; switch that off where the option exists.
+_NO_OTEL: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI).parameters else {}
+)
 
 
 def _endpoint(method: str, path: str) -> str:
@@ -84,6 +143,11 @@ class _Timed:
                 time.perf_counter() - started)
 
 
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")), status, headers,
+                    media_type="application/json")
+
+
 def create_app(service: Service) -> Any:
     """The ASGI application serving ``service`` (FastAPI inside a timing wrapper)."""
     app = FastAPI(
@@ -94,6 +158,7 @@ def create_app(service: Service) -> Any:
         openapi_url="/openapi.json",
         docs_url="/docs",
         redoc_url=None,
+        **_NO_OTEL,
     )
     bearer = HTTPBearer(auto_error=False)
 
@@ -111,7 +176,8 @@ def create_app(service: Service) -> Any:
         )
         return _error(422, problems)
 
-    def caller(
+    # Dependencies are coroutines: FastAPI would run plain functions in a thread pool.
+    async def caller(
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Caller:
         found = service.authenticate(creds.credentials if creds else None)
@@ -119,70 +185,70 @@ def create_app(service: Service) -> Any:
             raise Refusal(401, (Problem("authorization", "a valid bearer token is needed"),))
         return found
 
-    def so(who: Annotated[Caller, Depends(caller)]) -> Caller:
+    async def so(who: Annotated[Caller, Depends(caller)]) -> Caller:
         if who.role != "so":
             raise Refusal(403, (Problem("authorization", "only a system operator may do this"),))
         return who
 
-    def fsp(who: Annotated[Caller, Depends(caller)]) -> Caller:
+    async def fsp(who: Annotated[Caller, Depends(caller)]) -> Caller:
         if who.role != "fsp":
             raise Refusal(403, (Problem("authorization", "only an FSP may do this"),))
         return who
 
-    def answer(view: InstructionView, created: bool, response: Response) -> dict[str, Any]:
+    def answer(view: InstructionView, created: bool, *, status: int | None = None) -> Response:
+        """The instruction as JSON, serialised here rather than by FastAPI's encoder."""
         url = f"{service.base_url}/v1/instructions/{view.id}"
-        response.status_code = 202 if created else 200
-        response.headers["Location"] = url
-        return {"status_url": url, "created": created, **view.as_json()}
+        return _json({"status_url": url, "created": created, **view.as_json()},
+                     status or (202 if created else 200), {"Location": url})
 
-    @app.post("/v1/instructions", status_code=202, responses=_ERRORS,
-              summary="Issue an instruction (SO)")
-    async def create(req: InstructionRequest, response: Response,
-                     who: Annotated[Caller, Depends(so)]) -> dict[str, Any]:
+    @app.post("/v1/instructions", status_code=202, summary="Issue an instruction (SO)",
+              responses=_ok(202, "journaled") | {200: {"model": InstructionOut,
+                                                        "description": "identical repeat"}})
+    async def create(req: InstructionRequest,
+                     who: Annotated[Caller, Depends(so)]) -> Response:
         """202 once journaled (200 for an identical repeat of the same id); 409 names the
         fields that differ from the stored instruction; 422 lists every problem."""
-        return answer(*await service.submit(who.id, req), response)
+        return answer(*await service.submit(who.id, req))
 
-    @app.get("/v1/instructions/{instruction_id}", responses=_ERRORS,
+    @app.get("/v1/instructions/{instruction_id}", responses=_ok(200, "the instruction"),
              summary="One instruction with all its revisions")
-    async def get(instruction_id: str, who: Annotated[Caller, Depends(caller)]
-                  ) -> dict[str, Any]:
+    async def get(instruction_id: str, who: Annotated[Caller, Depends(caller)]) -> Response:
         view = service.engine.visible(instruction_id, who.role, who.id)
         if view is None:
             raise Refusal(404, (Problem("id", f"no instruction {instruction_id!r} for {who.id}"),))
-        return {"status_url": f"{service.base_url}/v1/instructions/{view.id}",
-                **view.as_json()}
+        return _json({"status_url": f"{service.base_url}/v1/instructions/{view.id}",
+                      **view.as_json()})
 
-    @app.get("/v1/instructions", responses=_ERRORS,
+    @app.get("/v1/instructions", responses=_ok(200, "a page of changes", PageOut),
              summary="Instructions changed since a cursor, oldest change first")
     async def changes(
         who: Annotated[Caller, Depends(caller)],
         since: Annotated[int, Query(ge=0, description="cursor from the previous page")] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    ) -> dict[str, Any]:
+    ) -> Response:
         views, cursor = service.engine.changed_since(who.role, who.id, since, limit)
-        return {"instructions": [v.as_json() for v in views], "cursor": cursor}
+        return _json({"instructions": [v.as_json() for v in views], "cursor": cursor})
 
-    @app.post("/v1/instructions/{instruction_id}/amend", status_code=202, responses=_ERRORS,
+    @app.post("/v1/instructions/{instruction_id}/amend", status_code=202,
+              responses=_ok(202, "the new revision, journaled"),
               summary="Amend an instruction: a new revision (SO)")
-    async def amend(instruction_id: str, req: AmendRequest, response: Response,
-                    who: Annotated[Caller, Depends(so)]) -> dict[str, Any]:
-        return answer(*await service.amend(who.id, instruction_id, req), response)
+    async def amend(instruction_id: str, req: AmendRequest,
+                    who: Annotated[Caller, Depends(so)]) -> Response:
+        return answer(*await service.amend(who.id, instruction_id, req))
 
-    @app.post("/v1/instructions/{instruction_id}/cancel", status_code=202, responses=_ERRORS,
+    @app.post("/v1/instructions/{instruction_id}/cancel", status_code=202,
+              responses=_ok(202, "the cancellation revision, journaled"),
               summary="Cancel an instruction: a new revision the FSP acknowledges (SO)")
-    async def cancel(instruction_id: str, req: CancelRequest, response: Response,
-                     who: Annotated[Caller, Depends(so)]) -> dict[str, Any]:
-        return answer(*await service.cancel(who.id, instruction_id, req), response)
+    async def cancel(instruction_id: str, req: CancelRequest,
+                     who: Annotated[Caller, Depends(so)]) -> Response:
+        return answer(*await service.cancel(who.id, instruction_id, req))
 
-    @app.post("/v1/instructions/{instruction_id}/ack", responses=_ERRORS,
+    @app.post("/v1/instructions/{instruction_id}/ack", responses=_ok(200, "answer recorded"),
               summary="Accept or reject a revision (FSP)")
-    async def ack(instruction_id: str, body: Ack, response: Response,
-                  who: Annotated[Caller, Depends(fsp)]) -> dict[str, Any]:
+    async def ack(instruction_id: str, body: Ack,
+                  who: Annotated[Caller, Depends(fsp)]) -> Response:
         view, created = await service.acknowledge(who.id, instruction_id, body)
-        result = answer(view, created, response)
-        response.status_code = 200
-        return result
+        return answer(view, created, status=200)
 
     @app.get("/healthz", summary="Liveness and readiness")
     async def healthz() -> dict[str, Any]:

@@ -204,7 +204,8 @@ async def _exercise(book: ContractBook, tokens: dict[str, dict[str, str]],
          f"p99 {percentile(latencies, 0.99):.1f} ms")
     _say("  instructions by state       : " + ", ".join(
         f"{state} {n}" for state, n in sorted(states.items())))
-    metrics = httpx.get(f"{service.url}/metrics").text
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(f"{service.url}/metrics")).text
     for line in metrics.splitlines():
         if line.startswith("flexops_journal_batch_records_count"):
             batches = float(line.split()[-1])

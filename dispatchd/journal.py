@@ -64,7 +64,7 @@ class JournalSettings:
 def _encode(record: Record) -> tuple[str, str, int, str | None, str | None, str | None, str, str]:
     if isinstance(record, RevisionRecorded):
         inst = record.instruction
-        body = json.dumps({"instruction": inst.model_dump(mode="json"),
+        body = json.dumps({"instruction": inst.as_json,
                            "content": record.content}, separators=(",", ":"))
         return ("revision", inst.id, inst.revision, inst.so, inst.fsp, None,
                 record.at.isoformat(), body)

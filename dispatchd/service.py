@@ -104,7 +104,8 @@ class Service:
         self._callers = {p.token_sha256: Caller(p.role, p.id) for p in config.auth.principals}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: dt.datetime | None = None
         self._server: uvicorn.Server | None = None
         self.ready = asyncio.Event()
         self.port: int | None = None
@@ -155,12 +156,13 @@ class Service:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.journal.run(), name="dispatchd.journal")
                 group.create_task(self.mqtt.run(), name="dispatchd.mqtt")
-                group.create_task(self._timers(), name="dispatchd.timers")
                 group.create_task(self._serve_http(server, sock), name="dispatchd.http")
                 self._execute(actions)
         except* _Stopped:
             pass
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
             for task in list(self._background):
                 task.cancel()
             self.journal.close()
@@ -180,14 +182,21 @@ class Service:
         if self._server is not None:
             self._server.should_exit = True
 
-    async def _timers(self) -> None:
-        while True:
-            wake = self.engine.next_wakeup()
-            timeout = None if wake is None else max(0.0, (wake - self.clock()).total_seconds())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            self._wake.clear()
-            self._execute(self.engine.tick(self.clock()))
+    def _arm_timer(self) -> None:
+        """Make sure the loop calls :meth:`_fire_timers` at the engine's next wake-up."""
+        wake = self.engine.next_wakeup()
+        if wake is None or (self._timer_at is not None and self._timer_at <= wake):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = max(0.0, (wake - self.clock()).total_seconds())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire_timers)
+        self._timer_at = wake
+
+    def _fire_timers(self) -> None:
+        self._timer = self._timer_at = None
+        self._execute(self.engine.tick(self.clock()))
+        self._arm_timer()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -202,8 +211,7 @@ class Service:
                 self._send(action)
             elif isinstance(action, Persist):
                 self._spawn(self._journal_quietly(action.record))
-        if actions:
-            self._wake.set()
+        self._arm_timer()
 
     def _send(self, send: Send) -> None:
         inst = send.instruction
@@ -240,7 +248,6 @@ class Service:
         if view is not None:
             self._observe(record, view, now)
         self._execute(actions)
-        self._wake.set()
 
     def _observe(self, record: Record, view: InstructionView, now: dt.datetime) -> None:
         if isinstance(record, RevisionRecorded):

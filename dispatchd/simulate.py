@@ -18,6 +18,8 @@ from typing import Any
 
 import aiomqtt
 
+from dispatchd.channels.mqtt import NODELAY
+
 
 @dataclass(frozen=True)
 class FspBehaviour:
@@ -57,7 +59,7 @@ class FspSimulator:
         """Connect, subscribe and answer until cancelled."""
         base = f"{self.topic_prefix}/fsp/{self.fsp}"
         async with aiomqtt.Client(self.host, self.port, identifier=f"sim-{self.fsp}",
-                                  clean_session=True) as client:
+                                  clean_session=True, socket_options=NODELAY) as client:
             await client.subscribe(f"{base}/instructions", qos=1)
             await client.subscribe(f"{base}/errors", qos=1)
             if ready is not None:
@@ -110,7 +112,7 @@ def percentile(values: list[float], fraction: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, int(round(fraction * len(ordered) + 0.5)) - 1))
+    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))
     return ordered[index]
 
 

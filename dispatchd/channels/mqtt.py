@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +25,10 @@ from dispatchd.config import MqttConfig
 from dispatchd.metrics import Metrics
 
 log = logging.getLogger("dispatchd.mqtt")
+
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+"""paho leaves Nagle's algorithm on; small QoS 1 messages would then wait for the peer's
+delayed ACK (tens of milliseconds) whenever an earlier one is unacknowledged."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,10 @@ class MqttChannel:
                     keepalive=self.config.keepalive_s,
                     max_inflight_messages=self.config.max_inflight,
                     timeout=10,
+                    socket_options=NODELAY,
                 ) as client:
+                    # Many publishes in flight is the normal state here, not a warning.
+                    client.pending_calls_threshold = self.config.max_inflight + 1
                     attempt = 0
                     await client.subscribe(f"{self.config.topic_prefix}/fsp/+/acks", qos=1)
                     self.connected.set()
@@ -111,7 +120,9 @@ class MqttChannel:
     async def _publish_one(self, client: aiomqtt.Client, item: Outgoing,
                            slots: asyncio.Semaphore) -> None:
         try:
-            await client.publish(item.topic, item.payload, qos=1)
+            # No per-publish timeout: a lost connection fails every pending publish anyway,
+            # and the timeout wrapper costs a task per message.
+            await client.publish(item.topic, item.payload, qos=1, timeout=math.inf)
         except aiomqtt.MqttError:
             self._metrics.send_failures.labels(self.name).inc()
             raise

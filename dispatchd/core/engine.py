@@ -126,7 +126,7 @@ class Send:
 
     def payload(self) -> dict[str, Any]:
         """The message body FSPs receive; receivers de-duplicate on (id, revision)."""
-        body = self.instruction.model_dump(mode="json")
+        body = dict(self.instruction.as_json)
         body["type"] = message_type(self.instruction.kind)
         body["accepted_at"] = self.accepted_at.isoformat()
         body["attempt"] = self.attempt
@@ -183,7 +183,7 @@ class InstructionView:
             "revision": latest.instruction.revision,
             "state": self.state.value,
             "cursor": self.cursor,
-            "instruction": latest.instruction.model_dump(mode="json"),
+            "instruction": latest.instruction.as_json,
             "revisions": [
                 {
                     "revision": r.instruction.revision,
@@ -354,7 +354,7 @@ class Dispatcher:
             return early
         previous = tracked.latest.instruction
         contract = self.book.contracts[previous.contract_id]
-        inst = previous.model_copy(update={
+        inst = Instruction.model_validate(previous.model_dump() | {
             "revision": len(tracked.revisions),
             "kind": Kind.CANCEL,
             "issued_at": now,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, Field, field_validator, model_validator
@@ -145,6 +146,21 @@ class Instruction(Frozen):
     note: str = ""
     override: str | None = None
     cancel_reason: str | None = None
+
+    @cached_property
+    def as_json(self) -> dict[str, Any]:
+        """The JSON form, computed once (the value is frozen); do not mutate the result.
+
+        Build a changed instruction with ``model_validate``, never ``model_copy(update=…)``:
+        a copy would carry this cache over (see :meth:`model_copy`)."""
+        return self.model_dump(mode="json")
+
+    def model_copy(self, *, update: Any = None, deep: bool = False) -> Instruction:
+        """A copy; with ``update`` the cached JSON is dropped so it is computed afresh."""
+        copied = super().model_copy(update=update, deep=deep)
+        if update:
+            copied.__dict__.pop("as_json", None)
+        return copied
 
 
 class Response(StrEnum):

@@ -288,6 +288,7 @@ def test_amend_is_a_new_revision_sent_after_the_old(h: Harness) -> None:
         contract.so, "I1", AmendRequest(revision=1, capacity_mw=0.1), h.now))
     assert isinstance(amended, RevisionRecorded)
     assert amended.instruction.capacity_mw == 0.1 and amended.instruction.revision == 1
+    assert (h.sent[-1].payload()["revision"], h.sent[-1].payload()["capacity_mw"]) == (1, 0.1)
     view = h.engine.view("I1")
     assert view is not None
     assert [r.state for r in view.revisions] == [State.SUPERSEDED, State.ACCEPTED]
@@ -323,8 +324,10 @@ def test_cancel_is_delivered_and_acknowledged_and_ends_amendments(h: Harness) ->
     h.decide_and_commit(h.engine.decide_cancel(contract.so, "I1",
                                                CancelRequest(reason="constraint cleared"), h.now))
     assert h.state("I1") is State.CANCELLED
-    assert h.sent[-1].payload()["type"] == "cancellation"
-    assert h.sent[-1].payload()["cancel_reason"] == "constraint cleared"
+    payload = h.sent[-1].payload()
+    assert (payload["type"], payload["kind"], payload["revision"]) == (
+        "cancellation", "cancel", 1)
+    assert payload["cancel_reason"] == "constraint cleared"
     h.advance(3 * SEC)
     assert h.sent[-1].instruction.revision == 1  # re-sent until acknowledged
     assert isinstance(h.ack(contract.fsp, "I1", 1), EventRecorded)
