@@ -49,6 +49,20 @@ def _behaviours(book: ContractBook) -> dict[str, FspBehaviour]:
     return out
 
 
+def _rotation(book: ContractBook) -> list[Any]:
+    """Contracts valid whenever the demo runs (whole-day windows, no notice), one FSP after
+    another, starting with the FSP that never answers — so even a short burst reaches
+    every kind of control centre."""
+    by_fsp: dict[str, list[Any]] = {}
+    for contract in book.contracts.values():
+        if contract.service in ("dynamic", "restore"):
+            by_fsp.setdefault(contract.fsp, []).append(contract)
+    fsps = sorted(by_fsp)
+    fsps = fsps[-1:] + fsps[:-1]
+    rounds = max(len(cs) for cs in by_fsp.values())
+    return [by_fsp[f][r] for r in range(rounds) for f in fsps if r < len(by_fsp[f])]
+
+
 def _request(contract_id: str, mw: float, now: dt.datetime, rng: random.Random,
              **extra: Any) -> dict[str, Any]:
     start = now + dt.timedelta(minutes=rng.choice([2, 5, 10, 30]))
@@ -66,8 +80,7 @@ async def _control_room(url: str, tokens: dict[str, str], book: ContractBook, co
                         rate: float) -> dict[str, Any]:
     """Issue the burst and the special cases; returns what the SO saw."""
     rng = random.Random(11)
-    # Whole-day windows with no notice period: valid whenever the demo is run.
-    usable = [c for c in book.contracts.values() if c.service in ("dynamic", "restore")]
+    usable = _rotation(book)
     accepted: list[str] = []
     refused: list[tuple[int, Any]] = []
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
@@ -102,9 +115,9 @@ async def _control_room(url: str, tokens: dict[str, str], book: ContractBook, co
         repeat = await post("/v1/instructions", first.so, _request(
             first.id, 0.1, dt.datetime.now(dt.UTC), rng, id="demo-00000"))
         special["repeat"] = repeat.status_code
-        amend_id, cancel_id = accepted[1], accepted[2]
-        amend_so = book.contracts[usable[1 % len(usable)].id].so
-        cancel_so = book.contracts[usable[2 % len(usable)].id].so
+        # demo-00001 and demo-00002 were issued by the SOs of usable[1] and usable[2].
+        amend_id, cancel_id = "demo-00001", "demo-00002"
+        amend_so, cancel_so = usable[1 % len(usable)].so, usable[2 % len(usable)].so
         amended = await post(f"/v1/instructions/{amend_id}/amend", amend_so,
                              {"revision": 1, "capacity_mw": 0.1,
                               "respond_by": (dt.datetime.now(dt.UTC) + RESPOND_WITHIN).isoformat(),

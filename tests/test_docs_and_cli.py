@@ -1,0 +1,117 @@
+"""The README, docs, example config and --help say what the code does."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from dispatchd.cli import build_parser
+from dispatchd.config import Config, load_config
+from dispatchd.core.lifecycle import State
+from dispatchd.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and \
+                name != "auth":
+            keys += _keys(annotation, f"{prefix}{name}.")
+        elif name != "auth":
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_every_config_key_is_documented_and_in_the_example() -> None:
+    """docs/configuration.md and deploy/dispatchd.example.toml list every key."""
+    docs = (ROOT / "docs/configuration.md").read_text()
+    example = (ROOT / "deploy/dispatchd.example.toml").read_text()
+    for key in _keys(Config):
+        section, name = key.split(".")
+        assert f"`{name}`" in docs, f"{key} missing from docs/configuration.md"
+        assert re.search(rf"^#? ?{name} = ", example, re.M), f"{key} missing from the example"
+        assert f"[{section}]" in example
+
+
+def test_example_config_is_the_defaults(tmp_path: Path) -> None:
+    """The example file loads, and every value in it is the default."""
+    config = load_config(ROOT / "deploy/dispatchd.example.toml")
+    defaults = Config()
+    for section in ("journal", "mqtt", "delivery"):
+        got = getattr(config, section).model_dump(exclude={"path"})
+        assert got == getattr(defaults, section).model_dump(exclude={"path"}), section
+    assert config.service.listen == defaults.service.listen
+
+
+def test_every_state_and_metric_is_documented() -> None:
+    docs = (ROOT / "docs/dispatch.md").read_text()
+    for state in State:
+        assert f"`{state.value}`" in docs, state
+    metrics = Metrics()
+    names = {m.name for m in metrics.registry.collect()}
+    for name in names:
+        assert name in docs, f"metric {name} is not in docs/dispatch.md"
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^(\./dev \w+)", readme, re.M)
+    assert commands[:2] == ["./dev demo", "./dev test"]
+    assert "exec ./dev test" in (ROOT / ".ci/run").read_text()
+
+
+@pytest.mark.parametrize("command", ["serve", "send", "tail", "demo"])
+def test_dispatchd_help_describes_each_command(command: str) -> None:
+    """``dispatchd COMMAND --help`` exits 0 and lists its options."""
+    result = subprocess.run([sys.executable, "-m", "dispatchd.cli", command, "--help"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    subparser = build_parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    for action in subparser._actions:
+        for option in action.option_strings:
+            assert option in result.stdout
+
+
+def test_serve_reports_a_bad_config_clearly(tmp_path: Path) -> None:
+    """A wrong key is named, with exit status 2 and no traceback."""
+    config = tmp_path / "c.toml"
+    config.write_text("[journal]\nsynchronous = \"SOMETIMES\"\n[mqtt]\nurl = \"http://x\"\n")
+    result = subprocess.run([sys.executable, "-m", "dispatchd.cli", "serve", "--config",
+                             str(config)], capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "journal.synchronous" in result.stderr and "mqtt.url" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.broker
+@pytest.mark.service
+def test_demo_runs_and_reports(tmp_path: Path) -> None:
+    """The demo, small: every revision delivered, nothing out of order, some expired."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dispatchd.cli", "demo", "--out", str(tmp_path),
+         "--instructions", "60", "--rate", "60"],
+        capture_output=True, text=True, check=False, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "revisions delivered to FSPs : 62 of 62" in out
+    assert "out-of-order revisions      : 0" in out
+    assert re.search(r"expired [1-9]", out)
+    assert "demo completed" in out
+
+
+@pytest.mark.broker
+@pytest.mark.service
+def test_dispatch_benchmark_runs() -> None:
+    """The benchmark script runs end to end at smoke size and prints its ratios."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench/bench_dispatch.py"), "--quick"],
+                            capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "p99 ratio" in result.stdout and "group commit" in result.stdout
