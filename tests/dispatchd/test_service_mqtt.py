@@ -344,3 +344,33 @@ def test_openapi_healthz_and_metrics_are_served(tmp_path: Path, broker: LocalMos
                 assert name in text, name
 
     run(scenario())
+
+
+def test_journal_failure_refuses_with_503_and_service_resumes(
+    tmp_path: Path, broker: LocalMosquitto, live_book: ContractBook
+) -> None:
+    """When the journal cannot commit, the SO gets 503 + Retry-After and nothing is sent;
+    once it can commit again, instructions are accepted as before."""
+    contract = pick(live_book)
+
+    async def scenario() -> None:
+        async with running(make_config(tmp_path, broker, live_book), live_book, broker) as stack:
+            sim, task = await _simulate(stack, contract.fsp, FspBehaviour(ack_delay_s=None))
+            # Stands in for a failing disk: SQLite refuses every write on this connection.
+            stack.service.journal._conn.execute("PRAGMA query_only=1")
+            refused = await stack.client.post("/v1/instructions", headers=auth("so", contract.so),
+                                              json=instruction(contract, id="lost-1"))
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["problems"][0]["field"] == "journal"
+            missing = await stack.client.get("/v1/instructions/lost-1",
+                                             headers=auth("so", contract.so))
+            assert missing.status_code == 404
+            stack.service.journal._conn.execute("PRAGMA query_only=0")
+            again = await stack.client.post("/v1/instructions", headers=auth("so", contract.so),
+                                            json=instruction(contract, id="lost-1"))
+            assert again.status_code == 202
+            assert await wait_for(lambda: [r.id for r in sim.received] == ["lost-1"], 5)
+            await _stop(task)
+
+    run(scenario())
