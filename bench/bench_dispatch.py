@@ -44,7 +44,7 @@ from contracts.sample import build_sample
 from dispatchd.channels.mqtt import NODELAY
 from dispatchd.config import write_sample_config
 from dispatchd.localstack import DispatchdProcess, LocalMosquitto
-from dispatchd.simulate import percentile
+from dispatchd.simulate import paced, percentile
 
 
 @dataclass
@@ -128,12 +128,8 @@ async def bare_paced(port: int, rate: int, seconds: float) -> list[float]:
         async with aiomqtt.Client("127.0.0.1", port, identifier="bench-bare-pub",
                                   max_inflight_messages=1000, socket_options=NODELAY) as pub:
             quiet(pub)
-            started = time.perf_counter()
             tasks = []
-            for i in range(count):
-                delay = started + i / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            async for i in paced(count, rate):
                 payload = json.dumps({"i": i, "t": time.time(), "pad": "x" * 400})
                 tasks.append(asyncio.create_task(pub.publish(
                     f"bench/fsp/F{i % 100}/instructions", payload, qos=1, timeout=math.inf)))
@@ -216,14 +212,7 @@ async def _post_all(url: str, tokens: dict[str, str], bodies: list[tuple[str, di
                 if response.status != 202:
                     raise RuntimeError(f"{response.status}: {text[:300]}")
 
-        started = time.perf_counter()
-        tasks = []
-        for i, (so, body) in enumerate(bodies):
-            if rate is not None:
-                delay = started + i / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(post(so, body)))
+        tasks = [asyncio.create_task(post(*bodies[i])) async for i in paced(len(bodies), rate)]
         await asyncio.gather(*tasks)
     return timings
 

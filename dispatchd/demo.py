@@ -25,7 +25,7 @@ from contracts.io import ContractBook, dump_contracts
 from contracts.sample import build_sample
 from dispatchd.config import write_sample_config
 from dispatchd.localstack import DispatchdProcess, LocalMosquitto
-from dispatchd.simulate import FspBehaviour, FspSimulator, percentile, wait_for
+from dispatchd.simulate import FspBehaviour, FspSimulator, paced, percentile, wait_for
 
 RESPOND_WITHIN = dt.timedelta(seconds=8)
 
@@ -101,12 +101,7 @@ async def _control_room(url: str, tokens: dict[str, str], book: ContractBook, co
                 refused.append((response.status_code, response.json()))
 
         started = time.monotonic()
-        tasks = []
-        for i in range(count):
-            delay = started + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
+        tasks = [asyncio.create_task(one(i)) async for i in paced(count, rate)]
         await asyncio.gather(*tasks)
         burst_s = time.monotonic() - started
 

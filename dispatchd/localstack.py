@@ -13,12 +13,17 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 
-class BrokerUnavailable(RuntimeError):
-    """Mosquitto is not installed or did not start."""
+class ChildFailed(RuntimeError):
+    """A process of ours (Mosquitto, dispatchd) did not start; the message names its log."""
+
+
+class BrokerUnavailable(ChildFailed):
+    """Mosquitto is not installed."""
 
 
 def find_mosquitto() -> str:
@@ -36,7 +41,50 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class LocalMosquitto:
+class _Child:
+    """A child process of ours: :meth:`kill` is a crash, :meth:`stop` a polite shutdown."""
+
+    process: subprocess.Popen[bytes] | None = None
+    stop_timeout = 5.0
+
+    def _wait_ready(self, ready: Callable[[], bool], what: str, log: Path, timeout: float
+                    ) -> None:
+        """Poll ``ready`` until it is true; raise with ``log`` named if the child dies."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise ChildFailed(f"{what} exited with {self.process.returncode}; see {log}")
+            if ready():
+                return
+            time.sleep(0.02)
+        self.kill()
+        raise ChildFailed(f"{what} was not ready in {timeout}s; see {log}")
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to save or flush anything."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+class LocalMosquitto(_Child):
     """Start with :meth:`start` (or ``with``); :meth:`kill` and :meth:`start` again to
     simulate a crash. ``persistence`` keeps queued QoS 1 messages across restarts."""
 
@@ -62,7 +110,6 @@ class LocalMosquitto:
             "",
         ]))
         self._log = open(self.directory / "mosquitto.log", "ab")  # noqa: SIM115
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -73,33 +120,9 @@ class LocalMosquitto:
             [find_mosquitto(), "-c", str(self.config_path)],
             stdout=self._log, stderr=self._log, start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BrokerUnavailable(
-                    f"mosquitto exited with {self.process.returncode}; see "
-                    f"{self.directory / 'mosquitto.log'}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.02)
-        self.kill()
-        raise BrokerUnavailable(f"mosquitto did not listen on port {self.port} in {timeout}s")
-
-    def kill(self) -> None:
-        """SIGKILL: the broker gets no chance to save anything."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self._wait_ready(lambda: _accepts(self.port), "mosquitto",
+                         self.directory / "mosquitto.log", timeout)
+        return self
 
     def close(self) -> None:
         self.stop()
@@ -115,8 +138,10 @@ class LocalMosquitto:
         self.close()
 
 
-class DispatchdProcess:
+class DispatchdProcess(_Child):
     """``dispatchd serve`` as a separate process, as an operator would run it."""
+
+    stop_timeout = 10.0
 
     def __init__(self, config: Path, *, mqtt_url: str, port: int | None = None,
                  log: Path | None = None) -> None:
@@ -124,7 +149,6 @@ class DispatchdProcess:
         self.mqtt_url = mqtt_url
         self.port = port or free_port()
         self.log_path = log or config.parent / "dispatchd.log"
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -132,7 +156,6 @@ class DispatchdProcess:
 
     def start(self, timeout: float = 20.0) -> DispatchdProcess:
         import sys
-        import urllib.request
 
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -140,29 +163,14 @@ class DispatchdProcess:
                  "--listen", f"127.0.0.1:{self.port}", "--mqtt", self.mqtt_url],
                 stdout=log, stderr=log, start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"dispatchd exited with {self.process.returncode}; "
-                                   f"see {self.log_path}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"dispatchd did not answer in {timeout}s; see {self.log_path}")
+        self._wait_ready(self._healthy, "dispatchd", self.log_path, timeout)
+        return self
 
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no flush — what a crash looks like."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
+    def _healthy(self) -> bool:
+        import urllib.request
 
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=0.5):
+                return True
+        except OSError:
+            return False

@@ -12,7 +12,7 @@ import contextlib
 import datetime as dt
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,3 +123,15 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 
             return True
         await asyncio.sleep(step)
     return predicate()
+
+
+async def paced(count: int, rate: float | None) -> AsyncIterator[int]:
+    """Yield 0 … count-1, the i-th no earlier than i/rate seconds from the first (as fast
+    as possible when ``rate`` is None)."""
+    started = time.perf_counter()
+    for i in range(count):
+        if rate is not None:
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        yield i
