@@ -1,0 +1,626 @@
+"""Computing baselines: readings and events in, one explained row per event half hour out.
+
+Input frames (polars; documented in ``docs/baselines.md``):
+
+- **readings**: ``asset_id`` (str), ``start`` (UTC datetime of the half hour), ``kwh``
+  (float; zero is a reading, exports are negative), optional ``estimated`` (bool).
+- **events**: ``asset_id``, ``event_id`` (str), ``start``, ``end`` (UTC, on half hours).
+- **assets** (optional): ``asset_id``, ``technology`` (str), ``units`` (int, default 1).
+- **nominations** (for :class:`~baselines.methods.Nominated`): ``asset_id``, ``event_id``,
+  ``start``, ``kwh``.
+
+The hot path is vectorised: readings of the assets with events are laid out once as a
+dense ``asset × day × half-hour`` array (numpy), and candidate selection, ranking and
+means are array operations over all events at once. No per-asset Python loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from baselines.calendar import Calendar
+from baselines.methods import (
+    Fixed,
+    Method,
+    Nominated,
+    PreEvent,
+    ReferenceProfile,
+    SameDayAdjustment,
+    XofY,
+    describe,
+)
+from baselines.periods import DEFAULT_ZONE, HALF_HOUR, SLOTS, local_midnight_utc, zone
+
+EXTRA = 2  # slots 48 and 49 hold the second occurrence of the repeated hour
+NO_SLOT = -10**9  # padding in relative-slot arrays
+_US = 1_000_000
+_HALF_HOUR_US = 30 * 60 * _US
+
+OUTPUT_SCHEMA = {
+    "asset_id": pl.String,
+    "event_id": pl.String,
+    "period_start": pl.Datetime("us", "UTC"),
+    "local_date": pl.Date,
+    "period": pl.Int32,
+    "baseline_kwh": pl.Float64,
+    "unadjusted_kwh": pl.Float64,
+    "adjustment": pl.Float64,
+    "method": pl.String,
+    "params": pl.String,
+    "selected_days": pl.String,
+    "eligible_days": pl.Int32,
+    "flags": pl.String,
+}
+
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(stage, done, total)`` during long computations."""
+
+
+class BaselineInputError(ValueError):
+    """An input frame cannot be used; ``problems`` names each bad row and the reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        shown = "\n".join(f"  {p}" for p in problems[:30])
+        more = f"\n  … and {len(problems) - 30} more" if len(problems) > 30 else ""
+        super().__init__(f"{len(problems)} problem(s) in the input:\n{shown}{more}")
+
+
+# ---------------------------------------------------------------------------- the timeline
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Local days ``first`` … ``first + days - 1`` in ``tz`` and their half hours."""
+
+    first: dt.date
+    days: int
+    tz: str
+
+    @property
+    def t0_us(self) -> int:
+        return int(local_midnight_utc(self.first, self.tz).timestamp() * _US)
+
+    def dates(self) -> list[dt.date]:
+        return [self.first + dt.timedelta(days=i) for i in range(self.days)]
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+        """For every half hour since the first local midnight: its day index and its
+        extended clock slot; per day, its number of settlement periods; and which clock
+        slots the extra slots 48 and 49 repeat (the hour a clocks-back day has twice)."""
+        end = local_midnight_utc(self.first + dt.timedelta(days=self.days), self.tz)
+        start = local_midnight_utc(self.first, self.tz)
+        count = int((end - start) / HALF_HOUR)
+        day_of = np.empty(count, np.int32)
+        slot_of = np.empty(count, np.int16)
+        tz = zone(self.tz)
+        seen: set[tuple[int, int]] = set()
+        repeats: dict[int, list[int]] = {}
+        mirror = [2, 3]
+        for i in range(count):
+            local = (start + i * HALF_HOUR).astimezone(tz)
+            d = (local.date() - self.first).days
+            s = local.hour * 2 + local.minute // 30
+            if (d, s) in seen:  # second occurrence of a clock time: the repeated hour
+                again = repeats.setdefault(d, [])
+                if len(again) < EXTRA:
+                    mirror[len(again)] = s
+                again.append(s)
+                s = SLOTS + len(again) - 1
+            seen.add((d, s))
+            day_of[i], slot_of[i] = d, s
+        periods = np.bincount(day_of, minlength=self.days).astype(np.int32)
+        return day_of, slot_of, periods, (mirror[0], mirror[1])
+
+    def relative_slot(self, instant: dt.datetime, event_day: int) -> int:
+        """Clock slot of ``instant`` counted from the event day's local midnight (negative
+        before it, ≥ 48 on later days): the same clock time on another day is the same
+        number of days × 48 away."""
+        local = instant.astimezone(zone(self.tz))
+        return ((local.date() - self.first).days - event_day) * SLOTS + \
+            local.hour * 2 + local.minute // 30
+
+
+@dataclass
+class Dense:
+    """Readings of the assets with events, laid out as ``values[asset, day, slot]``."""
+
+    assets: list[str]
+    timeline: Timeline
+    values: np.ndarray  # float64 [A, D, 50]; NaN = no reading
+    counts: np.ndarray  # int32 [A, D] readings per day
+    estimated: np.ndarray  # int32 [A, D] estimated readings per day
+    periods: np.ndarray  # int32 [D] settlement periods per day
+    mirror: tuple[int, int]  # clock slots that extra slots 48 and 49 repeat
+
+    def by_clock(self) -> np.ndarray:
+        """``[A, D*48]``: the values at each local clock half hour; on a clocks-back day
+        the repeated hour is the mean of its two readings."""
+        clock = self.values[:, :, :SLOTS].copy()
+        for d in np.flatnonzero(self.periods == SLOTS + EXTRA):
+            for k, slot in enumerate(self.mirror):
+                pair = np.stack([self.values[:, d, slot], self.values[:, d, SLOTS + k]])
+                with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    clock[:, d, slot] = np.nanmean(pair, axis=0)
+        return clock.reshape(len(self.assets), -1)
+
+    def complete(self) -> np.ndarray:
+        """``[A, D]``: every settlement period of the day has exactly one reading."""
+        return self.counts == self.periods[None, :]
+
+
+def _asset_index(ids: list[str]) -> Callable[[pl.Expr], pl.Expr]:
+    return lambda col: col.replace_strict(ids, list(range(len(ids))), default=None,
+                                          return_dtype=pl.Int32)
+
+
+def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: Timeline,
+            *, progress: Progress | None = None, batch_rows: int = 8_000_000) -> Dense:
+    """Lay ``readings`` of ``assets`` out densely; rows of other assets or outside the
+    timeline are skipped. Memory: one float64 per asset, day and half hour (+4%)."""
+    day_of, slot_of, periods, mirror = timeline.grid()
+    n_assets, n_days = len(assets), timeline.days
+    values = np.full((n_assets, n_days, SLOTS + EXTRA), np.nan)
+    flat_values = values.reshape(-1)
+    counts = np.zeros(n_assets * n_days, np.int64)
+    estimated = np.zeros(n_assets * n_days, np.int64)
+    lazy = readings.lazy() if isinstance(readings, pl.DataFrame) else readings
+    schema = lazy.collect_schema()
+    has_estimated = "estimated" in schema
+    index = _asset_index(assets)
+    t0, horizon = timeline.t0_us, len(day_of)
+    prepared = lazy.select(
+        index(pl.col("asset_id")).alias("a"),
+        ((pl.col("start").dt.epoch("us") - t0) // _HALF_HOUR_US).alias("p"),
+        pl.col("kwh").cast(pl.Float64),
+        (pl.col("estimated").fill_null(False) if has_estimated else pl.lit(False))
+        .alias("estimated"),
+    ).filter(pl.col("a").is_not_null() & (pl.col("p") >= 0) & (pl.col("p") < horizon))
+    done = 0
+    for batch in prepared.collect_batches(chunk_size=batch_rows):
+        a = batch["a"].to_numpy().astype(np.int64)
+        p = batch["p"].to_numpy()
+        d = day_of[p].astype(np.int64)
+        cell = a * n_days + d
+        flat_values[cell * (SLOTS + EXTRA) + slot_of[p]] = batch["kwh"].to_numpy()
+        counts += np.bincount(cell, minlength=n_assets * n_days)
+        est = batch["estimated"].to_numpy()
+        if est.any():
+            estimated += np.bincount(cell[est], minlength=n_assets * n_days)
+        done += len(batch)
+        if progress is not None:
+            progress("lay out readings", done, 0)
+    return Dense(assets, timeline, values, counts.reshape(n_assets, n_days).astype(np.int32),
+                 estimated.reshape(n_assets, n_days).astype(np.int32), periods, mirror)
+
+
+# ---------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Events:
+    """Validated events with their positions on the timeline."""
+
+    asset_id: list[str]
+    event_id: list[str]
+    start: list[dt.datetime]
+    end: list[dt.datetime]
+    asset: np.ndarray  # index into Dense.assets
+    day: np.ndarray  # event day (local date of start) as a timeline index
+    rel: np.ndarray  # [E, R] clock slot of each event period relative to the event day
+    # (padded with NO_SLOT); consecutive except across a clock change
+    periods: list[list[dt.datetime]]  # UTC starts of every event period
+
+
+def _check_events(events: pl.DataFrame) -> list[str]:
+    problems = []
+    for column in ("asset_id", "event_id", "start", "end"):
+        if column not in events.columns:
+            problems.append(f"events: missing column {column!r}")
+    if problems:
+        return problems
+    seen: set[tuple[str, str]] = set()
+    for i, row in enumerate(events.iter_rows(named=True)):
+        where = f"events row {i} (event {row['event_id']}, asset {row['asset_id']})"
+        start, end = row["start"], row["end"]
+        if start is None or end is None or start.tzinfo is None or end.tzinfo is None:
+            problems.append(f"{where}: start and end need UTC times")
+            continue
+        if end <= start:
+            problems.append(f"{where}: end is not after start")
+        for name, value in (("start", start), ("end", end)):
+            if value.minute % 30 or value.second or value.microsecond:
+                problems.append(f"{where}: {name} {value:%H:%M:%S} is not on a half hour")
+        if (row["asset_id"], row["event_id"]) in seen:
+            problems.append(f"{where}: listed twice")
+        seen.add((row["asset_id"], row["event_id"]))
+    return problems
+
+
+def _timeline_for(events: pl.DataFrame, lookback: int, tz: str) -> Timeline:
+    local = [s.astimezone(zone(tz)).date() for s in events["start"]]
+    last = [e.astimezone(zone(tz)).date() for e in events["end"]]
+    first = min(local) - dt.timedelta(days=lookback + 1)
+    return Timeline(first, (max(last) - first).days + 2, tz)
+
+
+def _place(events: pl.DataFrame, assets: list[str], timeline: Timeline) -> Events:
+    position = {a: i for i, a in enumerate(assets)}
+    tz = zone(timeline.tz)
+    starts = [s.astimezone(dt.UTC) for s in events["start"]]
+    ends = [e.astimezone(dt.UTC) for e in events["end"]]
+    days = np.array([(s.astimezone(tz).date() - timeline.first).days for s in starts])
+    periods = [[s + i * HALF_HOUR for i in range(int((e - s) / HALF_HOUR))]
+               for s, e in zip(starts, ends, strict=True)]
+    return Events(
+        asset_id=events["asset_id"].to_list(),
+        event_id=events["event_id"].to_list(),
+        start=starts, end=ends,
+        asset=np.array([position[a] for a in events["asset_id"]], np.int64),
+        day=days,
+        rel=relative_slots(timeline, periods, days),
+        periods=periods,
+    )
+
+
+def relative_slots(timeline: Timeline, instants: list[list[dt.datetime]], days: np.ndarray
+                   ) -> np.ndarray:
+    """``[E, R]``: each instant's clock slot relative to its event day, padded."""
+    width = max((len(i) for i in instants), default=0)
+    out = np.full((len(instants), max(width, 1)), NO_SLOT, np.int64)
+    for e, row in enumerate(instants):
+        for i, instant in enumerate(row):
+            out[e, i] = timeline.relative_slot(instant, int(days[e]))
+    return out
+
+
+# ---------------------------------------------------------------------------- X of Y
+
+
+@dataclass
+class Selection:
+    """Per event: the kept candidate days (timeline indices, -1 = none) and counts."""
+
+    days: np.ndarray  # int [E, y]
+    kept: np.ndarray  # int [E]
+    eligible: np.ndarray  # int [E]
+
+
+def _gather_mean(clock: np.ndarray, asset: np.ndarray, days: np.ndarray,
+                 rel: np.ndarray) -> np.ndarray:
+    """Mean over ``days`` (-1 ignored) of ``clock`` at relative slots ``rel``.
+
+    ``asset [E]``, ``days [E, K]``, ``rel [E, R]`` (NO_SLOT ignored) → ``[E, R]`` (NaN when
+    no value)."""
+    width = clock.shape[1]
+    idx = days[:, :, None] * SLOTS + rel[:, None, :]  # [E, K, R]
+    valid = (days[:, :, None] >= 0) & (idx >= 0) & (idx < width) & (rel[:, None, :] != NO_SLOT)
+    vals = clock[asset[:, None, None], np.clip(idx, 0, width - 1)]
+    vals = np.where(valid, vals, np.nan)
+    with np.errstate(invalid="ignore"):
+        sums = np.nansum(vals, axis=1)
+        n = np.sum(~np.isnan(vals), axis=1)
+        return np.where(n > 0, sums / np.maximum(n, 1), np.nan)
+
+
+def select_days(dense: Dense, clock: np.ndarray, ev: Events, method: XofY,
+                calendar: Calendar, event_days: np.ndarray) -> Selection:
+    """Choose each event's baseline days (vectorised over all events)."""
+    dates = dense.timeline.dates()
+    working = np.array([calendar.is_working_day(d) for d in dates])
+    holiday = np.array([calendar.is_holiday(d) for d in dates])
+    weekday = np.array([d.weekday() for d in dates])
+    back = np.arange(1, method.lookback_days + 1)
+    cand = ev.day[:, None] - back[None, :]  # [E, L], most recent first
+    inside = cand >= 0
+    cand_c = np.clip(cand, 0, None)
+    if method.match == "day_type":
+        alike = working[cand_c] == working[ev.day][:, None]
+    else:
+        alike = (weekday[cand_c] == weekday[ev.day][:, None]) & \
+            (holiday[cand_c] == holiday[ev.day][:, None])
+    a = ev.asset[:, None]
+    ok = inside & alike & dense.complete()[a, cand_c] & ~event_days[a, cand_c]
+    if method.exclude_estimated:
+        ok &= dense.estimated[a, cand_c] == 0
+    if method.low_usage_fraction is not None:
+        day_clock = clock.reshape(clock.shape[0], -1, SLOTS)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no candidates
+            day_mean = np.nanmean(day_clock[a, cand_c], axis=2)  # [E, L]
+            average = np.nanmean(np.where(ok, day_mean, np.nan), axis=1)
+            ok &= ~(day_mean < method.low_usage_fraction * average[:, None])
+    rank = np.cumsum(ok, axis=1)
+    chosen = ok & (rank <= method.y)
+    eligible = np.minimum(rank[:, -1], method.y)
+    # Rank chosen candidates by mean load over the event window.
+    window_mean = _window_means(clock, ev.asset, np.where(chosen, cand, -1), ev.rel)
+    score = np.where(chosen, window_mean, -np.inf)
+    order = np.argsort(-score, axis=1, kind="stable")  # highest first; ties: most recent
+    kept = np.minimum(method.x, eligible) if method.select != "all" else eligible
+    offset = (eligible - kept) // 2 if method.select == "mid" else np.zeros_like(eligible)
+    position = np.arange(order.shape[1])[None, :]
+    take = (position >= offset[:, None]) & (position < (offset + kept)[:, None])
+    picked = np.take_along_axis(cand, order, axis=1)
+    days = np.where(take, picked, -1)
+    days = -np.sort(-days, axis=1)[:, :method.y]  # kept days, most recent first
+    if days.shape[1] < method.y:
+        days = np.pad(days, ((0, 0), (0, method.y - days.shape[1])), constant_values=-1)
+    ok_events = eligible >= method.min_days
+    days[~ok_events] = -1
+    return Selection(days, np.where(ok_events, kept, 0), eligible)
+
+
+def _window_means(clock: np.ndarray, asset: np.ndarray, cand: np.ndarray, rel: np.ndarray
+                  ) -> np.ndarray:
+    """``[E, L]``: mean of each candidate day over the event's relative slots."""
+    width = clock.shape[1]
+    idx = cand[:, :, None] * SLOTS + rel[:, None, :]
+    valid = (cand[:, :, None] >= 0) & (rel[:, None, :] != NO_SLOT) & (idx >= 0) & (idx < width)
+    vals = np.where(valid, clock[asset[:, None, None], np.clip(idx, 0, width - 1)], np.nan)
+    with np.errstate(invalid="ignore"):
+        sums = np.nansum(vals, axis=2)
+        n = np.sum(~np.isnan(vals), axis=2)
+    return np.where(n > 0, sums / np.maximum(n, 1), -np.inf)
+
+
+# ---------------------------------------------------------------------------- adjustment
+
+
+def _metered(dense: Dense, asset: int, instant: dt.datetime) -> float:
+    """The reading of ``asset`` for the half hour starting at ``instant`` (NaN if none)."""
+    timeline = dense.timeline
+    p = int((instant.timestamp() * _US - timeline.t0_us) // _HALF_HOUR_US)
+    day_of, slot_of, _, _ = _grid(timeline)
+    if not 0 <= p < len(day_of):
+        return float("nan")
+    return float(dense.values[asset, day_of[p], slot_of[p]])
+
+
+_GRIDS: dict[Timeline, tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]] = {}
+
+
+def _grid(timeline: Timeline) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+    if timeline not in _GRIDS:
+        _GRIDS.clear()
+        _GRIDS[timeline] = timeline.grid()
+    return _GRIDS[timeline]
+
+
+def _window(start: dt.datetime, minutes: int, gap: int) -> list[dt.datetime]:
+    end = start - dt.timedelta(minutes=gap)
+    return [end - dt.timedelta(minutes=minutes) + i * HALF_HOUR for i in range(minutes // 30)]
+
+
+def adjust(baseline_window: list[float], metered_window: list[float],
+           rule: SameDayAdjustment) -> tuple[float | None, list[str]]:
+    """The adjustment (kWh to add, or factor) from the window, or None; and flags."""
+    pairs = [(b, m) for b, m in zip(baseline_window, metered_window, strict=True)
+             if not (np.isnan(b) or np.isnan(m))]
+    if len(pairs) < len(baseline_window):
+        return None, ["adjustment_skipped:missing_window_data"]
+    flags: list[str] = []
+    mean_baseline = sum(b for b, _ in pairs) / len(pairs)
+    if rule.kind == "additive":
+        value = sum(m - b for b, m in pairs) / len(pairs)
+        if rule.cap is not None:
+            limit = rule.cap * abs(mean_baseline)
+            if abs(value) > limit:
+                value = max(-limit, min(limit, value))
+                flags.append("adjustment_capped")
+        if rule.upward_only and value < 0:
+            value, flags = 0.0, [*flags, "adjustment_floored:upward_only"]
+        return value, flags
+    total_baseline = sum(b for b, _ in pairs)
+    if total_baseline == 0:
+        return None, ["adjustment_skipped:zero_baseline_in_window"]
+    value = sum(m for _, m in pairs) / total_baseline
+    if rule.cap is not None and not 1 - rule.cap <= value <= 1 + rule.cap:
+        value = max(1 - rule.cap, min(1 + rule.cap, value))
+        flags.append("adjustment_capped")
+    if rule.upward_only and value < 1:
+        value, flags = 1.0, [*flags, "adjustment_floored:upward_only"]
+    return value, flags
+
+
+# ---------------------------------------------------------------------------- compute
+
+
+def _event_days(dense: Dense, ev: Events, all_events: Iterable[tuple[int, int, int]]
+                ) -> np.ndarray:
+    """``[A, D]``: days on which the asset had any event (start to end, local dates)."""
+    marks = np.zeros((len(dense.assets), dense.timeline.days), bool)
+    for a, first, last in all_events:
+        marks[a, max(first, 0):max(last + 1, 0)] = True
+    return marks
+
+
+def compute(
+    readings: pl.LazyFrame | pl.DataFrame,
+    events: pl.DataFrame,
+    method: Method,
+    *,
+    adjustment: SameDayAdjustment | None = None,
+    assets: pl.DataFrame | None = None,
+    nominations: pl.DataFrame | None = None,
+    calendar: Calendar | None = None,
+    tz: str = DEFAULT_ZONE,
+    progress: Progress | None = None,
+) -> pl.DataFrame:
+    """Baselines for every event half hour, with the method, days used, adjustment and flags.
+
+    Raises :class:`BaselineInputError` listing every unusable event row. An event with no
+    baseline gets rows with a null ``baseline_kwh`` and a flag saying why — never a silent
+    zero."""
+    calendar = calendar or Calendar()
+    problems = _check_events(events)
+    if problems:
+        raise BaselineInputError(problems)
+    if events.is_empty():
+        return pl.DataFrame(schema=OUTPUT_SCHEMA)
+    events = events.sort("asset_id", "start", "event_id")
+    asset_ids = sorted(set(events["asset_id"]))
+    lookback = method.lookback_days if isinstance(method, XofY) else 2
+    timeline = _timeline_for(events, lookback, tz)
+    dense = lay_out(readings, asset_ids, timeline, progress=progress)
+    ev = _place(events, asset_ids, timeline)
+    technology, units = _asset_attributes(assets, asset_ids)
+    params = describe(method, adjustment if isinstance(method, XofY) else None)
+    clock = dense.by_clock()
+    if progress is not None:
+        progress("compute baselines", 0, len(ev.asset_id))
+    base, days_used, eligible, flags = _baselines(dense, clock, ev, method, calendar,
+                                                  nominations, technology, units)
+    unadjusted = [list(b) for b in base]
+    adjustments: list[float | None] = [None] * len(base)
+    if isinstance(method, XofY) and adjustment is not None:
+        for e in range(len(base)):
+            if all(np.isnan(b) for b in base[e]):
+                continue
+            tech = technology[ev.asset[e]]
+            if tech in adjustment.off_for:
+                flags[e].append(f"adjustment_off:{tech}")
+                continue
+            window = _window(ev.start[e], adjustment.window_minutes, adjustment.gap_minutes)
+            rel = relative_slots(timeline, [window], ev.day[e:e + 1])
+            sel = days_used[e][None, :]
+            b_window = _gather_mean(clock, ev.asset[e:e + 1], sel, rel)[0].tolist()
+            m_window = [_metered(dense, int(ev.asset[e]), w) for w in window]
+            value, more = adjust(b_window, m_window, adjustment)
+            flags[e] += more
+            adjustments[e] = value
+            if value is not None:
+                base[e] = [b + value if adjustment.kind == "additive" else b * value
+                           for b in base[e]]
+    if progress is not None:
+        progress("compute baselines", len(ev.asset_id), len(ev.asset_id))
+    return _rows(ev, timeline, method, params, base, unadjusted, adjustments, days_used,
+                 eligible, flags)
+
+
+def _asset_attributes(assets: pl.DataFrame | None, ids: list[str]
+                      ) -> tuple[list[str | None], list[int]]:
+    if assets is None:
+        return [None] * len(ids), [1] * len(ids)
+    known = {row["asset_id"]: row for row in assets.iter_rows(named=True)}
+    tech = [known.get(a, {}).get("technology") for a in ids]
+    units = [int(known.get(a, {}).get("units") or 1) for a in ids]
+    return tech, units
+
+
+def _baselines(dense: Dense, clock: np.ndarray, ev: Events, method: Method,
+               calendar: Calendar, nominations: pl.DataFrame | None,
+               technology: list[str | None], units: list[int]
+               ) -> tuple[list[list[float]], np.ndarray, np.ndarray, list[list[str]]]:
+    n = len(ev.asset_id)
+    lengths = [len(p) for p in ev.periods]
+    flags: list[list[str]] = [[] for _ in range(n)]
+    for e in range(n):
+        periods = dense.periods[ev.day[e]]
+        if periods != SLOTS:
+            flags[e].append(f"clock_change_day:{periods}_periods")
+    empty_days = np.full((n, 1), -1)
+    if isinstance(method, XofY):
+        tz = zone(dense.timeline.tz)
+        spans = [(int(a), int(d), (end.astimezone(tz).date() - dense.timeline.first).days)
+                 for a, d, end in zip(ev.asset, ev.day, ev.end, strict=True)]
+        event_days = _event_days(dense, ev, spans)
+        sel = select_days(dense, clock, ev, method, calendar, event_days)
+        values = _gather_mean(clock, ev.asset, sel.days, ev.rel)
+        base = []
+        for e in range(n):
+            if sel.eligible[e] < method.min_days:
+                flags[e].append(f"no_baseline:{sel.eligible[e]}_eligible_days_below_minimum_"
+                                f"{method.min_days}")
+                base.append([float("nan")] * lengths[e])
+                continue
+            if sel.eligible[e] < method.y:
+                flags[e].append(f"fewer_eligible_days:{sel.eligible[e]}_of_{method.y}")
+            if not method.exclude_estimated:
+                used = sel.days[e][sel.days[e] >= 0]
+                if dense.estimated[ev.asset[e], used].any():
+                    flags[e].append("estimated_reads_used")
+            row = values[e, :lengths[e]].tolist()
+            if any(np.isnan(v) for v in row):
+                flags[e].append("missing_values_in_selected_days")
+            base.append(row)
+        return base, sel.days, sel.eligible, flags
+    if isinstance(method, PreEvent):
+        base = []
+        for e in range(n):
+            window = _window(ev.start[e], method.window_minutes, method.gap_minutes)
+            metered = [_metered(dense, int(ev.asset[e]), w) for w in window]
+            if any(np.isnan(m) for m in metered):
+                flags[e].append("no_baseline:missing_readings_in_pre_event_window")
+                base.append([float("nan")] * lengths[e])
+            else:
+                base.append([sum(metered) / len(metered)] * lengths[e])
+        return base, empty_days, np.zeros(n, int), flags
+    if isinstance(method, Fixed):
+        return [[method.kwh] * k for k in lengths], empty_days, np.zeros(n, int), flags
+    if isinstance(method, ReferenceProfile):
+        base = []
+        for e in range(n):
+            tech = technology[ev.asset[e]]
+            profile = method.profiles.get(tech or "")
+            if profile is None:
+                flags[e].append(f"no_baseline:no_reference_profile_for_{tech}")
+                base.append([float("nan")] * lengths[e])
+                continue
+            slots = [int(r) % SLOTS for r in ev.rel[e, :lengths[e]]]
+            base.append([profile[s] * units[ev.asset[e]] for s in slots])
+        return base, empty_days, np.zeros(n, int), flags
+    assert isinstance(method, Nominated)
+    given: dict[tuple[str, str, dt.datetime], float] = {}
+    if nominations is not None:
+        for row in nominations.iter_rows(named=True):
+            given[(row["asset_id"], row["event_id"], row["start"].astimezone(dt.UTC))] = \
+                float(row["kwh"])
+    base = []
+    for e in range(n):
+        row = [given.get((ev.asset_id[e], ev.event_id[e], p), float("nan"))
+               for p in ev.periods[e]]
+        missing = sum(1 for v in row if np.isnan(v))
+        if missing:
+            flags[e].append(f"no_baseline:{missing}_periods_not_nominated")
+        base.append(row)
+    return base, empty_days, np.zeros(n, int), flags
+
+
+def _rows(ev: Events, timeline: Timeline, method: Method, params: str,
+          base: list[list[float]], unadjusted: list[list[float]],
+          adjustments: list[float | None], days_used: np.ndarray, eligible: np.ndarray,
+          flags: list[list[str]]) -> pl.DataFrame:
+    dates = timeline.dates()
+    tz = zone(timeline.tz)
+    columns: dict[str, list[object]] = {k: [] for k in OUTPUT_SCHEMA}
+    for e, periods in enumerate(ev.periods):
+        used = ",".join(dates[d].isoformat() for d in sorted(days_used[e]) if d >= 0) \
+            if days_used.shape[1] > 0 else ""
+        flag_text = ";".join(flags[e])
+        for i, start in enumerate(periods):
+            local_day = start.astimezone(tz).date()
+            value = base[e][i]
+            raw = unadjusted[e][i]
+            columns["asset_id"].append(ev.asset_id[e])
+            columns["event_id"].append(ev.event_id[e])
+            columns["period_start"].append(start)
+            columns["local_date"].append(local_day)
+            columns["period"].append(
+                int((start - local_midnight_utc(local_day, timeline.tz)) / HALF_HOUR) + 1)
+            columns["baseline_kwh"].append(None if np.isnan(value) else float(value))
+            columns["unadjusted_kwh"].append(None if np.isnan(raw) else float(raw))
+            columns["adjustment"].append(adjustments[e])
+            columns["method"].append(method.name)
+            columns["params"].append(params)
+            columns["selected_days"].append(used)
+            columns["eligible_days"].append(int(eligible[e]))
+            columns["flags"].append(flag_text)
+    return pl.DataFrame(columns, schema=OUTPUT_SCHEMA)
