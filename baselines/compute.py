@@ -157,8 +157,9 @@ class Dense:
 
 
 def _asset_index(ids: list[str]) -> Callable[[pl.Expr], pl.Expr]:
-    return lambda col: col.replace_strict(ids, list(range(len(ids))), default=None,
-                                          return_dtype=pl.Int32)
+    """Position of each asset id in ``ids`` (null for others), via an Enum's physical codes:
+    about twice as fast as a replace over hundreds of millions of rows."""
+    return lambda col: col.cast(pl.String).cast(pl.Enum(ids), strict=False).to_physical()
 
 
 def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: Timeline,
@@ -176,8 +177,9 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
     has_estimated = "estimated" in schema
     index = _asset_index(assets)
     t0, horizon = timeline.t0_us, len(day_of)
+    day_of64, slot_of64 = day_of.astype(np.int64), slot_of.astype(np.int64)
     prepared = lazy.select(
-        index(pl.col("asset_id")).alias("a"),
+        index(pl.col("asset_id")).cast(pl.Int64).alias("a"),
         ((pl.col("start").dt.epoch("us") - t0) // _HALF_HOUR_US).alias("p"),
         pl.col("kwh").cast(pl.Float64),
         (pl.col("estimated").fill_null(False) if has_estimated else pl.lit(False))
@@ -185,11 +187,9 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
     ).filter(pl.col("a").is_not_null() & (pl.col("p") >= 0) & (pl.col("p") < horizon))
     done = 0
     for batch in prepared.collect_batches(chunk_size=batch_rows):
-        a = batch["a"].to_numpy().astype(np.int64)
         p = batch["p"].to_numpy()
-        d = day_of[p].astype(np.int64)
-        cell = a * n_days + d
-        flat_values[cell * (SLOTS + EXTRA) + slot_of[p]] = batch["kwh"].to_numpy()
+        cell = batch["a"].to_numpy() * n_days + day_of64[p]
+        flat_values[cell * (SLOTS + EXTRA) + slot_of64[p]] = batch["kwh"].to_numpy()
         counts += np.bincount(cell, minlength=n_assets * n_days)
         est = batch["estimated"].to_numpy()
         if est.any():
@@ -211,12 +211,16 @@ class Events:
     asset_id: list[str]
     event_id: list[str]
     start: list[dt.datetime]
-    end: list[dt.datetime]
-    asset: np.ndarray  # index into Dense.assets
-    day: np.ndarray  # event day (local date of start) as a timeline index
+    asset: np.ndarray  # [E] index into Dense.assets
+    day: np.ndarray  # [E] event day (local date of start) as a timeline index
+    p0: np.ndarray  # [E] half hours from the timeline's first midnight to the start
+    length: np.ndarray  # [E] number of event periods
     rel: np.ndarray  # [E, R] clock slot of each event period relative to the event day
     # (padded with NO_SLOT); consecutive except across a clock change
-    periods: list[list[dt.datetime]]  # UTC starts of every event period
+    end_day: np.ndarray  # [E] local date of the last period, as a timeline index
+
+    def periods(self, e: int) -> list[dt.datetime]:
+        return [self.start[e] + i * HALF_HOUR for i in range(int(self.length[e]))]
 
 
 def _check_events(events: pl.DataFrame) -> list[str]:
@@ -251,34 +255,50 @@ def _timeline_for(events: pl.DataFrame, lookback: int, tz: str) -> Timeline:
     return Timeline(first, (max(last) - first).days + 2, tz)
 
 
+def _clock_of(timeline: Timeline) -> tuple[np.ndarray, np.ndarray]:
+    """Per half hour of the timeline: day index and local clock slot (0–47)."""
+    day_of, slot_of, _, mirror = _grid(timeline)
+    extra = np.array(mirror, np.int64)
+    clock = np.where(slot_of >= SLOTS, extra[np.clip(slot_of - SLOTS, 0, 1)], slot_of)
+    return day_of.astype(np.int64), clock.astype(np.int64)
+
+
+def relative_slots(timeline: Timeline, p: np.ndarray, day: np.ndarray) -> np.ndarray:
+    """Clock slots of half hours ``p [E, R]`` (timeline positions; negative = padding)
+    relative to each row's event day ``day [E]``: the same clock time a day later is 48
+    further on."""
+    day_of, clock = _clock_of(timeline)
+    inside = (p >= 0) & (p < len(day_of))
+    q = np.clip(p, 0, len(day_of) - 1)
+    return np.where(inside, (day_of[q] - day[:, None]) * SLOTS + clock[q], NO_SLOT)
+
+
+def _positions(timeline: Timeline, instants: list[dt.datetime]) -> np.ndarray:
+    t0 = timeline.t0_us
+    return np.array([(int(i.timestamp() * _US) - t0) // _HALF_HOUR_US for i in instants],
+                    np.int64)
+
+
 def _place(events: pl.DataFrame, assets: list[str], timeline: Timeline) -> Events:
     position = {a: i for i, a in enumerate(assets)}
-    tz = zone(timeline.tz)
-    starts = [s.astimezone(dt.UTC) for s in events["start"]]
-    ends = [e.astimezone(dt.UTC) for e in events["end"]]
-    days = np.array([(s.astimezone(tz).date() - timeline.first).days for s in starts])
-    periods = [[s + i * HALF_HOUR for i in range(int((e - s) / HALF_HOUR))]
-               for s, e in zip(starts, ends, strict=True)]
+    starts = [x.astimezone(dt.UTC) for x in events["start"]]
+    ends = [x.astimezone(dt.UTC) for x in events["end"]]
+    p0 = _positions(timeline, starts)
+    length = _positions(timeline, ends) - p0
+    day_of, _ = _clock_of(timeline)
+    day = day_of[p0]
+    width = int(length.max())
+    steps = np.arange(width)[None, :]
+    p = np.where(steps < length[:, None], p0[:, None] + steps, -1)
     return Events(
         asset_id=events["asset_id"].to_list(),
         event_id=events["event_id"].to_list(),
-        start=starts, end=ends,
+        start=starts,
         asset=np.array([position[a] for a in events["asset_id"]], np.int64),
-        day=days,
-        rel=relative_slots(timeline, periods, days),
-        periods=periods,
+        day=day, p0=p0, length=length,
+        rel=relative_slots(timeline, p, day),
+        end_day=day_of[p0 + length - 1],
     )
-
-
-def relative_slots(timeline: Timeline, instants: list[list[dt.datetime]], days: np.ndarray
-                   ) -> np.ndarray:
-    """``[E, R]``: each instant's clock slot relative to its event day, padded."""
-    width = max((len(i) for i in instants), default=0)
-    out = np.full((len(instants), max(width, 1)), NO_SLOT, np.int64)
-    for e, row in enumerate(instants):
-        for i, instant in enumerate(row):
-            out[e, i] = timeline.relative_slot(instant, int(days[e]))
-    return out
 
 
 # ---------------------------------------------------------------------------- X of Y
@@ -433,8 +453,7 @@ def adjust(baseline_window: list[float], metered_window: list[float],
 # ---------------------------------------------------------------------------- compute
 
 
-def _event_days(dense: Dense, ev: Events, all_events: Iterable[tuple[int, int, int]]
-                ) -> np.ndarray:
+def _event_days(dense: Dense, all_events: Iterable[tuple[int, int, int]]) -> np.ndarray:
     """``[A, D]``: days on which the asset had any event (start to end, local dates)."""
     marks = np.zeros((len(dense.assets), dense.timeline.days), bool)
     for a, first, last in all_events:
@@ -478,27 +497,27 @@ def compute(
         progress("compute baselines", 0, len(ev.asset_id))
     base, days_used, eligible, flags = _baselines(dense, clock, ev, method, calendar,
                                                   nominations, technology, units)
-    unadjusted = [list(b) for b in base]
-    adjustments: list[float | None] = [None] * len(base)
+    unadjusted = base.copy()
+    adjustments = np.full(len(base), np.nan)
     if isinstance(method, XofY) and adjustment is not None:
         for e in range(len(base)):
-            if all(np.isnan(b) for b in base[e]):
+            if np.isnan(base[e, :ev.length[e]]).all():
                 continue
             tech = technology[ev.asset[e]]
             if tech in adjustment.off_for:
                 flags[e].append(f"adjustment_off:{tech}")
                 continue
             window = _window(ev.start[e], adjustment.window_minutes, adjustment.gap_minutes)
-            rel = relative_slots(timeline, [window], ev.day[e:e + 1])
-            sel = days_used[e][None, :]
-            b_window = _gather_mean(clock, ev.asset[e:e + 1], sel, rel)[0].tolist()
+            rel = relative_slots(timeline, _positions(timeline, window)[None, :],
+                                 ev.day[e:e + 1])
+            b_window = _gather_mean(clock, ev.asset[e:e + 1], days_used[e][None, :],
+                                    rel)[0].tolist()
             m_window = [_metered(dense, int(ev.asset[e]), w) for w in window]
             value, more = adjust(b_window, m_window, adjustment)
             flags[e] += more
-            adjustments[e] = value
             if value is not None:
-                base[e] = [b + value if adjustment.kind == "additive" else b * value
-                           for b in base[e]]
+                adjustments[e] = value
+                base[e] = base[e] + value if adjustment.kind == "additive" else base[e] * value
     if progress is not None:
         progress("compute baselines", len(ev.asset_id), len(ev.asset_id))
     return _rows(ev, timeline, method, params, base, unadjusted, adjustments, days_used,
@@ -518,64 +537,61 @@ def _asset_attributes(assets: pl.DataFrame | None, ids: list[str]
 def _baselines(dense: Dense, clock: np.ndarray, ev: Events, method: Method,
                calendar: Calendar, nominations: pl.DataFrame | None,
                technology: list[str | None], units: list[int]
-               ) -> tuple[list[list[float]], np.ndarray, np.ndarray, list[list[str]]]:
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str]]]:
+    """Per event: baseline values ``[E, R]`` (NaN = none), days used, eligible count, flags."""
     n = len(ev.asset_id)
-    lengths = [len(p) for p in ev.periods]
+    lengths = ev.length.tolist()
+    width = ev.rel.shape[1]
+    in_event = np.arange(width)[None, :] < ev.length[:, None]
     flags: list[list[str]] = [[] for _ in range(n)]
-    for e in range(n):
-        periods = dense.periods[ev.day[e]]
-        if periods != SLOTS:
-            flags[e].append(f"clock_change_day:{periods}_periods")
+    day_periods = dense.periods[ev.day]
+    for e in np.flatnonzero(day_periods != SLOTS):
+        flags[e].append(f"clock_change_day:{day_periods[e]}_periods")
     empty_days = np.full((n, 1), -1)
+    nothing = np.full((n, width), np.nan)
     if isinstance(method, XofY):
-        tz = zone(dense.timeline.tz)
-        spans = [(int(a), int(d), (end.astimezone(tz).date() - dense.timeline.first).days)
-                 for a, d, end in zip(ev.asset, ev.day, ev.end, strict=True)]
-        event_days = _event_days(dense, ev, spans)
+        event_days = _event_days(dense, zip(ev.asset.tolist(), ev.day.tolist(),
+                                            ev.end_day.tolist(), strict=True))
         sel = select_days(dense, clock, ev, method, calendar, event_days)
         values = _gather_mean(clock, ev.asset, sel.days, ev.rel)
-        base = []
-        for e in range(n):
-            if sel.eligible[e] < method.min_days:
-                flags[e].append(f"no_baseline:{sel.eligible[e]}_eligible_days_below_minimum_"
-                                f"{method.min_days}")
-                base.append([float("nan")] * lengths[e])
-                continue
-            if sel.eligible[e] < method.y:
-                flags[e].append(f"fewer_eligible_days:{sel.eligible[e]}_of_{method.y}")
-            if not method.exclude_estimated:
-                used = sel.days[e][sel.days[e] >= 0]
-                if dense.estimated[ev.asset[e], used].any():
-                    flags[e].append("estimated_reads_used")
-            row = values[e, :lengths[e]].tolist()
-            if any(np.isnan(v) for v in row):
-                flags[e].append("missing_values_in_selected_days")
-            base.append(row)
-        return base, sel.days, sel.eligible, flags
+        too_few = sel.eligible < method.min_days
+        values[too_few] = np.nan
+        for e in np.flatnonzero(too_few):
+            flags[e].append(f"no_baseline:{sel.eligible[e]}_eligible_days_below_minimum_"
+                            f"{method.min_days}")
+        for e in np.flatnonzero(~too_few & (sel.eligible < method.y)):
+            flags[e].append(f"fewer_eligible_days:{sel.eligible[e]}_of_{method.y}")
+        if not method.exclude_estimated:
+            used = np.where(sel.days >= 0, sel.days, 0)
+            est = (dense.estimated[ev.asset[:, None], used] > 0) & (sel.days >= 0)
+            for e in np.flatnonzero(est.any(axis=1)):
+                flags[e].append("estimated_reads_used")
+        gaps = (np.isnan(values) & in_event).any(axis=1) & ~too_few
+        for e in np.flatnonzero(gaps):
+            flags[e].append("missing_values_in_selected_days")
+        return values, sel.days, sel.eligible, flags
     if isinstance(method, PreEvent):
-        base = []
+        base = nothing.copy()
         for e in range(n):
             window = _window(ev.start[e], method.window_minutes, method.gap_minutes)
             metered = [_metered(dense, int(ev.asset[e]), w) for w in window]
             if any(np.isnan(m) for m in metered):
                 flags[e].append("no_baseline:missing_readings_in_pre_event_window")
-                base.append([float("nan")] * lengths[e])
             else:
-                base.append([sum(metered) / len(metered)] * lengths[e])
+                base[e, :lengths[e]] = sum(metered) / len(metered)
         return base, empty_days, np.zeros(n, int), flags
     if isinstance(method, Fixed):
-        return [[method.kwh] * k for k in lengths], empty_days, np.zeros(n, int), flags
+        return np.where(in_event, method.kwh, np.nan), empty_days, np.zeros(n, int), flags
     if isinstance(method, ReferenceProfile):
-        base = []
+        base = nothing.copy()
         for e in range(n):
             tech = technology[ev.asset[e]]
             profile = method.profiles.get(tech or "")
             if profile is None:
                 flags[e].append(f"no_baseline:no_reference_profile_for_{tech}")
-                base.append([float("nan")] * lengths[e])
                 continue
-            slots = [int(r) % SLOTS for r in ev.rel[e, :lengths[e]]]
-            base.append([profile[s] * units[ev.asset[e]] for s in slots])
+            slots = ev.rel[e, :lengths[e]] % SLOTS
+            base[e, :lengths[e]] = np.array(profile)[slots] * units[ev.asset[e]]
         return base, empty_days, np.zeros(n, int), flags
     assert isinstance(method, Nominated)
     given: dict[tuple[str, str, dt.datetime], float] = {}
@@ -583,44 +599,55 @@ def _baselines(dense: Dense, clock: np.ndarray, ev: Events, method: Method,
         for row in nominations.iter_rows(named=True):
             given[(row["asset_id"], row["event_id"], row["start"].astimezone(dt.UTC))] = \
                 float(row["kwh"])
-    base = []
+    base = nothing.copy()
     for e in range(n):
         row = [given.get((ev.asset_id[e], ev.event_id[e], p), float("nan"))
-               for p in ev.periods[e]]
+               for p in ev.periods(e)]
         missing = sum(1 for v in row if np.isnan(v))
         if missing:
             flags[e].append(f"no_baseline:{missing}_periods_not_nominated")
-        base.append(row)
+        base[e, :len(row)] = row
     return base, empty_days, np.zeros(n, int), flags
 
 
 def _rows(ev: Events, timeline: Timeline, method: Method, params: str,
-          base: list[list[float]], unadjusted: list[list[float]],
-          adjustments: list[float | None], days_used: np.ndarray, eligible: np.ndarray,
-          flags: list[list[str]]) -> pl.DataFrame:
-    dates = timeline.dates()
-    tz = zone(timeline.tz)
-    columns: dict[str, list[object]] = {k: [] for k in OUTPUT_SCHEMA}
-    for e, periods in enumerate(ev.periods):
-        used = ",".join(dates[d].isoformat() for d in sorted(days_used[e]) if d >= 0) \
-            if days_used.shape[1] > 0 else ""
-        flag_text = ";".join(flags[e])
-        for i, start in enumerate(periods):
-            local_day = start.astimezone(tz).date()
-            value = base[e][i]
-            raw = unadjusted[e][i]
-            columns["asset_id"].append(ev.asset_id[e])
-            columns["event_id"].append(ev.event_id[e])
-            columns["period_start"].append(start)
-            columns["local_date"].append(local_day)
-            columns["period"].append(
-                int((start - local_midnight_utc(local_day, timeline.tz)) / HALF_HOUR) + 1)
-            columns["baseline_kwh"].append(None if np.isnan(value) else float(value))
-            columns["unadjusted_kwh"].append(None if np.isnan(raw) else float(raw))
-            columns["adjustment"].append(adjustments[e])
-            columns["method"].append(method.name)
-            columns["params"].append(params)
-            columns["selected_days"].append(used)
-            columns["eligible_days"].append(int(eligible[e]))
-            columns["flags"].append(flag_text)
-    return pl.DataFrame(columns, schema=OUTPUT_SCHEMA)
+          base: np.ndarray, unadjusted: np.ndarray, adjustments: np.ndarray,
+          days_used: np.ndarray, eligible: np.ndarray, flags: list[list[str]]
+          ) -> pl.DataFrame:
+    """One row per event half hour, built column-wise."""
+    iso = [d.isoformat() for d in timeline.dates()]
+    used = [",".join(iso[d] for d in sorted(row) if d >= 0) for row in days_used.tolist()]
+    per_event = pl.DataFrame({
+        "asset_id": ev.asset_id,
+        "event_id": ev.event_id,
+        "adjustment": adjustments,
+        "selected_days": used,
+        "eligible_days": eligible.astype(np.int32),
+        "flags": [";".join(f) for f in flags],
+    }, schema_overrides={"adjustment": pl.Float64}).with_columns(
+        pl.col("adjustment").fill_nan(None))
+    width = base.shape[1]
+    mask = np.arange(width)[None, :] < ev.length[:, None]
+    event_index = np.broadcast_to(np.arange(len(ev.asset_id))[:, None], mask.shape)[mask]
+    step = np.broadcast_to(np.arange(width)[None, :], mask.shape)[mask]
+    start_us = np.array([int(x.timestamp() * _US) for x in ev.start], np.int64)
+    starts = start_us[event_index] + step * _HALF_HOUR_US
+    local_midnight = pl.col("local_date").cast(pl.Datetime("us")) \
+        .dt.replace_time_zone(timeline.tz, ambiguous="earliest", non_existent="null") \
+        .dt.convert_time_zone("UTC")
+    periods = pl.DataFrame({
+        "event": event_index,
+        "period_start": pl.Series(starts).cast(pl.Datetime("us", "UTC")),
+        "baseline_kwh": base[mask],
+        "unadjusted_kwh": unadjusted[mask],
+    }).with_columns(
+        pl.col("period_start").dt.convert_time_zone(timeline.tz).dt.date().alias("local_date"),
+        pl.col("baseline_kwh").fill_nan(None),
+        pl.col("unadjusted_kwh").fill_nan(None),
+    ).with_columns(
+        ((pl.col("period_start") - local_midnight).dt.total_minutes() // 30 + 1)
+        .cast(pl.Int32).alias("period"))
+    joined = pl.concat([per_event[periods["event"]], periods.drop("event")], how="horizontal")
+    return joined.with_columns(
+        pl.lit(method.name).alias("method"), pl.lit(params).alias("params"),
+    ).select(list(OUTPUT_SCHEMA)).cast(OUTPUT_SCHEMA)

@@ -1,0 +1,57 @@
+"""The ``baselines`` command on real files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tests.baselines.test_methods import event, readings
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "baselines.cli", *args],
+                          capture_output=True, text=True, check=False, timeout=120)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_cli_computes_from_files_and_writes_the_explained_rows(tmp_path: Path,
+                                                               suffix: str) -> None:
+    """mid 8 of 10 with the capped additive adjustment: 26.1 (see test_methods)."""
+    data, events = readings(), event()
+    if suffix == "csv":
+        data.drop("estimated").write_csv(tmp_path / "r.csv")
+        events.write_csv(tmp_path / "e.csv")
+    else:
+        data.write_parquet(tmp_path / "r.parquet")
+        events.write_parquet(tmp_path / "e.parquet")
+    out = tmp_path / "out.csv"
+    result = _run("--readings", str(tmp_path / f"r.{suffix}"), "--events",
+                  str(tmp_path / f"e.{suffix}"), "--method", "mid_8_of_10", "--adjust",
+                  "additive", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    table = pl.read_csv(out)
+    assert table["baseline_kwh"].to_list() == pytest.approx([26.1, 26.1])
+    assert set(table.columns) >= {"selected_days", "flags", "params", "adjustment", "period"}
+    assert "wrote 2 rows for 1 events" in result.stderr
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_cli_names_a_missing_column(tmp_path: Path) -> None:
+    readings().drop("kwh").write_csv(tmp_path / "r.csv")
+    event().write_csv(tmp_path / "e.csv")
+    result = _run("--readings", str(tmp_path / "r.csv"), "--events", str(tmp_path / "e.csv"),
+                  "--out", str(tmp_path / "o.csv"))
+    assert result.returncode == 1
+    assert "missing column(s) ['kwh']" in result.stderr
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_cli_help_lists_methods() -> None:
+    result = _run("--help")
+    assert result.returncode == 0
+    for name in ("mid_8_of_10", "high_4_of_5", "10_of_10", "previous_3_weeks", "--adjust"):
+        assert name in result.stdout
