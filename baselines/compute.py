@@ -129,31 +129,39 @@ class Timeline:
 
 @dataclass
 class Dense:
-    """Readings of the assets with events, laid out as ``values[asset, day, slot]``."""
+    """Readings of the assets with events, by local clock time: ``values[asset, day, slot]``.
+
+    On a clocks-back day the repeated hour's clock slots hold the mean of its two readings;
+    the readings themselves are kept in ``repeated[asset, long day, occurrence, k]``.
+    """
 
     assets: list[str]
     timeline: Timeline
-    values: np.ndarray  # float64 [A, D, 50]; NaN = no reading
+    values: np.ndarray  # float64 [A, D, 48]; NaN = no reading
+    repeated: np.ndarray  # float64 [A, L, 2, 2]: per clocks-back day, both readings of
+    # each of the two repeated clock slots (``mirror``)
+    long_index: np.ndarray  # int [D]: index into ``repeated`` for clocks-back days, else -1
     counts: np.ndarray  # int32 [A, D] readings per day
     estimated: np.ndarray  # int32 [A, D] estimated readings per day
     periods: np.ndarray  # int32 [D] settlement periods per day
-    mirror: tuple[int, int]  # clock slots that extra slots 48 and 49 repeat
+    mirror: tuple[int, int]  # the clock slots a clocks-back day has twice
 
     def by_clock(self) -> np.ndarray:
-        """``[A, D*48]``: the values at each local clock half hour; on a clocks-back day
-        the repeated hour is the mean of its two readings."""
-        clock = self.values[:, :, :SLOTS].copy()
-        for d in np.flatnonzero(self.periods == SLOTS + EXTRA):
-            for k, slot in enumerate(self.mirror):
-                pair = np.stack([self.values[:, d, slot], self.values[:, d, SLOTS + k]])
-                with np.errstate(invalid="ignore"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    clock[:, d, slot] = np.nanmean(pair, axis=0)
-        return clock.reshape(len(self.assets), -1)
+        """``[A, D*48]``: the values at each local clock half hour (a view, no copy)."""
+        return self.values.reshape(len(self.assets), -1)
 
     def complete(self) -> np.ndarray:
         """``[A, D]``: every settlement period of the day has exactly one reading."""
         return self.counts == self.periods[None, :]
+
+    def reading(self, asset: int, day: int, slot: int) -> float:
+        """The reading at extended slot ``slot`` (48, 49: the repeated hour's second time)."""
+        long = self.long_index[day]
+        if long >= 0 and slot >= SLOTS:
+            return float(self.repeated[asset, long, 1, slot - SLOTS])
+        if long >= 0 and slot in self.mirror:
+            return float(self.repeated[asset, long, 0, self.mirror.index(slot)])
+        return float(self.values[asset, day, slot])
 
 
 def _asset_index(ids: list[str]) -> Callable[[pl.Expr], pl.Expr]:
@@ -168,8 +176,22 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
     timeline are skipped. Memory: one float64 per asset, day and half hour (+4%)."""
     day_of, slot_of, periods, mirror = timeline.grid()
     n_assets, n_days = len(assets), timeline.days
-    values = np.full((n_assets, n_days, SLOTS + EXTRA), np.nan)
+    values = np.full((n_assets, n_days, SLOTS), np.nan)
     flat_values = values.reshape(-1)
+    long_days = np.flatnonzero(periods == SLOTS + EXTRA)
+    long_index = np.full(n_days, -1, np.int64)
+    long_index[long_days] = np.arange(len(long_days))
+    repeated = np.full((n_assets, len(long_days), 2, EXTRA), np.nan)
+    # Where each half hour of the timeline goes: its clock slot, and for the repeated hour
+    # which occurrence it is (0 first, 1 second; -1 for every other half hour).
+    clock_of = np.where(slot_of >= SLOTS, np.array(mirror)[np.clip(slot_of - SLOTS, 0, 1)],
+                        slot_of).astype(np.int64)
+    occurrence = np.full(len(day_of), -1, np.int64)
+    on_long = long_index[day_of] >= 0
+    occurrence[on_long & (slot_of >= SLOTS)] = 1
+    occurrence[on_long & np.isin(slot_of, mirror)] = 0
+    which = np.where(slot_of >= SLOTS, slot_of - SLOTS,
+                     np.where(slot_of == mirror[1], 1, 0)).astype(np.int64)
     counts = np.zeros(n_assets * n_days, np.int64)
     estimated = np.zeros(n_assets * n_days, np.int64)
     lazy = readings.lazy() if isinstance(readings, pl.DataFrame) else readings
@@ -177,19 +199,36 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
     has_estimated = "estimated" in schema
     index = _asset_index(assets)
     t0, horizon = timeline.t0_us, len(day_of)
-    day_of64, slot_of64 = day_of.astype(np.int64), slot_of.astype(np.int64)
-    prepared = lazy.select(
-        index(pl.col("asset_id")).cast(pl.Int64).alias("a"),
-        ((pl.col("start").dt.epoch("us") - t0) // _HALF_HOUR_US).alias("p"),
+    day_of64 = day_of.astype(np.int64)
+    # The index arithmetic runs in polars (all cores); numpy only scatters.
+    half_hour = (pl.col("start").dt.epoch("us") - t0) // _HALF_HOUR_US
+    day = pl.lit(pl.Series(day_of64)).gather(pl.col("p"))
+    prepared = lazy.with_columns(
+        index(pl.col("asset_id")).cast(pl.Int64).alias("a"), half_hour.alias("p"),
+    ).filter(pl.col("a").is_not_null() & (pl.col("p") >= 0) & (pl.col("p") < horizon)
+             ).select(
+        "p", "a",
+        (pl.col("a") * n_days + day).alias("cell"),
         pl.col("kwh").cast(pl.Float64),
         (pl.col("estimated").fill_null(False) if has_estimated else pl.lit(False))
         .alias("estimated"),
-    ).filter(pl.col("a").is_not_null() & (pl.col("p") >= 0) & (pl.col("p") < horizon))
+    ).with_columns(
+        (pl.col("cell") * SLOTS + pl.lit(pl.Series(clock_of)).gather(pl.col("p")))
+        .alias("at"))
     done = 0
     for batch in prepared.collect_batches(chunk_size=batch_rows):
-        p = batch["p"].to_numpy()
-        cell = batch["a"].to_numpy() * n_days + day_of64[p]
-        flat_values[cell * (SLOTS + EXTRA) + slot_of64[p]] = batch["kwh"].to_numpy()
+        cell = batch["cell"].to_numpy()
+        kwh = batch["kwh"].to_numpy()
+        if len(long_days):
+            p = batch["p"].to_numpy()
+            occ = occurrence[p]
+            rep = occ >= 0
+            a = batch["a"].to_numpy()
+            repeated[a[rep], long_index[day_of64[p[rep]]], occ[rep], which[p[rep]]] = kwh[rep]
+            keep = occ != 1  # second occurrences live only in ``repeated``
+            flat_values[batch["at"].to_numpy()[keep]] = kwh[keep]
+        else:
+            flat_values[batch["at"].to_numpy()] = kwh
         counts += np.bincount(cell, minlength=n_assets * n_days)
         est = batch["estimated"].to_numpy()
         if est.any():
@@ -197,7 +236,13 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
         done += len(batch)
         if progress is not None:
             progress("lay out readings", done, 0)
-    return Dense(assets, timeline, values, counts.reshape(n_assets, n_days).astype(np.int32),
+    for long, day in enumerate(long_days):
+        for k, slot in enumerate(mirror):
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                values[:, day, slot] = np.nanmean(repeated[:, long, :, k], axis=1)
+    return Dense(assets, timeline, values, repeated, long_index,
+                 counts.reshape(n_assets, n_days).astype(np.int32),
                  estimated.reshape(n_assets, n_days).astype(np.int32), periods, mirror)
 
 
@@ -360,9 +405,13 @@ def select_days(dense: Dense, clock: np.ndarray, ev: Events, method: XofY,
     rank = np.cumsum(ok, axis=1)
     chosen = ok & (rank <= method.y)
     eligible = np.minimum(rank[:, -1], method.y)
-    # Rank chosen candidates by mean load over the event window.
-    window_mean = _window_means(clock, ev.asset, np.where(chosen, cand, -1), ev.rel)
-    score = np.where(chosen, window_mean, -np.inf)
+    # The chosen candidates, most recent first (at most y per event), ranked by mean load
+    # over the event window.
+    first = np.argsort(~chosen, axis=1, kind="stable")[:, :method.y]
+    cand = np.where(np.take_along_axis(chosen, first, axis=1),
+                    np.take_along_axis(cand, first, axis=1), -1)
+    window_mean = _window_means(clock, ev.asset, cand, ev.rel)
+    score = np.where(cand >= 0, window_mean, -np.inf)
     order = np.argsort(-score, axis=1, kind="stable")  # highest first; ties: most recent
     kept = np.minimum(method.x, eligible) if method.select != "all" else eligible
     offset = (eligible - kept) // 2 if method.select == "mid" else np.zeros_like(eligible)
@@ -401,7 +450,7 @@ def _metered(dense: Dense, asset: int, instant: dt.datetime) -> float:
     day_of, slot_of, _, _ = _grid(timeline)
     if not 0 <= p < len(day_of):
         return float("nan")
-    return float(dense.values[asset, day_of[p], slot_of[p]])
+    return dense.reading(asset, int(day_of[p]), int(slot_of[p]))
 
 
 _GRIDS: dict[Timeline, tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]] = {}
