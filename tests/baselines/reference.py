@@ -87,7 +87,8 @@ def reference(readings: list[tuple[str, dt.datetime, float, bool]],
             answers[(asset, event_id)] = Answer([None] * len(periods), [], n)
             continue
 
-        def window_mean(day: dt.date) -> float:
+        def window_mean(day: dt.date, asset: str = asset,
+                        periods: list[tuple[int, int]] = periods) -> float:
             values = [v for off, s in periods if (v := at(asset, day, off, s)) is not None]
             return sum(values) / len(values) if values else float("-inf")
 
