@@ -115,3 +115,13 @@ def test_dispatch_benchmark_runs() -> None:
                             capture_output=True, text=True, check=False, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "p99 ratio" in result.stdout and "group commit" in result.stdout
+
+
+def test_baseline_docs_name_every_preset_method_and_output_column() -> None:
+    from baselines.compute import OUTPUT_SCHEMA
+    from baselines.methods import PRESETS
+
+    docs = (ROOT / "docs/baselines.md").read_text()
+    for name in [*PRESETS, *OUTPUT_SCHEMA, "PreEvent", "Nominated", "Fixed",
+                 "ReferenceProfile", "SameDayAdjustment"]:
+        assert name in docs, name
