@@ -164,10 +164,23 @@ class Dense:
         return float(self.values[asset, day, slot])
 
 
-def _asset_index(ids: list[str]) -> Callable[[pl.Expr], pl.Expr]:
-    """Position of each asset id in ``ids`` (null for others), via an Enum's physical codes:
+def _asset_index(ids: list[str], dtype: pl.DataType) -> pl.Expr:
+    """Position of each row's ``asset_id`` in ``ids`` (null for other assets).
+
+    A Categorical column with polars' global categories (as Parquet dictionary columns
+    read) is mapped through its codes: the codes of ``ids`` come from casting them to the
+    same dtype, so no row's string is touched. Anything else goes through an Enum cast,
     about twice as fast as a replace over hundreds of millions of rows."""
-    return lambda col: col.cast(pl.String).cast(pl.Enum(ids), strict=False).to_physical()
+    col = pl.col("asset_id")
+    if dtype == pl.Categorical():
+        codes = pl.Series(ids, dtype=pl.String).cast(dtype).to_physical().to_numpy()
+        lookup = np.full(int(codes.max()) + 1 if len(codes) else 1, -1, np.int64)
+        lookup[codes] = np.arange(len(ids))
+        code = col.to_physical().cast(pl.Int64)
+        size = len(lookup)
+        found = pl.lit(pl.Series(lookup)).gather(code.clip(0, size - 1))
+        return pl.when((code < size) & (found >= 0)).then(found).otherwise(None)
+    return col.cast(pl.String).cast(pl.Enum(ids), strict=False).to_physical().cast(pl.Int64)
 
 
 def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: Timeline,
@@ -197,14 +210,13 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
     lazy = readings.lazy() if isinstance(readings, pl.DataFrame) else readings
     schema = lazy.collect_schema()
     has_estimated = "estimated" in schema
-    index = _asset_index(assets)
     t0, horizon = timeline.t0_us, len(day_of)
     day_of64 = day_of.astype(np.int64)
     # The index arithmetic runs in polars (all cores); numpy only scatters.
     half_hour = (pl.col("start").dt.epoch("us") - t0) // _HALF_HOUR_US
     day = pl.lit(pl.Series(day_of64)).gather(pl.col("p"))
     prepared = lazy.with_columns(
-        index(pl.col("asset_id")).cast(pl.Int64).alias("a"), half_hour.alias("p"),
+        _asset_index(assets, schema["asset_id"]).alias("a"), half_hour.alias("p"),
     ).filter(pl.col("a").is_not_null() & (pl.col("p") >= 0) & (pl.col("p") < horizon)
              ).select(
         "p", "a",

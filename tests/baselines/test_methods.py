@@ -370,3 +370,14 @@ def test_every_row_explains_itself() -> None:
     assert '"select":"mid"' in str(one(out, "params"))
     assert len(str(one(out, "selected_days")).split(",")) == 8
     assert one(out, "eligible_days") == 10
+
+
+def test_categorical_asset_ids_give_the_same_baselines() -> None:
+    """Parquet dictionary columns arrive as Categorical and take the code-lookup path; it
+    must agree with the string path, and other assets' rows must be ignored."""
+    data = pl.concat([readings(), readings(lambda d, s: 99.0, asset="OTHER")])
+    as_strings = compute(data, event(), PRESETS["mid_8_of_10"])
+    as_categories = compute(data.with_columns(pl.col("asset_id").cast(pl.Categorical)),
+                            event(), PRESETS["mid_8_of_10"])
+    assert as_categories.equals(as_strings)
+    assert as_strings["baseline_kwh"].to_list() == pytest.approx([21.75, 21.75])
