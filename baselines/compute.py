@@ -129,30 +129,47 @@ class Timeline:
 
 @dataclass
 class Dense:
-    """Readings of the assets with events, by local clock time: ``values[asset, day, slot]``.
+    """Readings of the assets with events at the local clock slots the events need.
 
-    On a clocks-back day the repeated hour's clock slots hold the mean of its two readings;
-    the readings themselves are kept in ``repeated[asset, long day, occurrence, k]``.
+    ``values[asset, day, compact[slot]]`` is the reading at clock ``slot`` (0–47) of that
+    local day, for the slots listed in ``needed`` (``compact`` is -1 for the others); every
+    reading, needed or not, is counted in ``counts`` and summed in ``sums``. On a
+    clocks-back day the repeated hour's clock slots hold the mean of its two readings; the
+    readings themselves are kept in ``repeated[asset, long day, occurrence, k]``.
     """
 
     assets: list[str]
     timeline: Timeline
-    values: np.ndarray  # float64 [A, D, 48]; NaN = no reading
+    values: np.ndarray  # float64 [A, D, W]; NaN = no reading
+    compact: np.ndarray  # int [48]: position of each clock slot in ``values``, or -1
     repeated: np.ndarray  # float64 [A, L, 2, 2]: per clocks-back day, both readings of
     # each of the two repeated clock slots (``mirror``)
     long_index: np.ndarray  # int [D]: index into ``repeated`` for clocks-back days, else -1
     counts: np.ndarray  # int32 [A, D] readings per day
+    sums: np.ndarray  # float64 [A, D] kWh per day (zeros unless laid out with day_sums)
     estimated: np.ndarray  # int32 [A, D] estimated readings per day
     periods: np.ndarray  # int32 [D] settlement periods per day
     mirror: tuple[int, int]  # the clock slots a clocks-back day has twice
 
-    def by_clock(self) -> np.ndarray:
-        """``[A, D*48]``: the values at each local clock half hour (a view, no copy)."""
-        return self.values.reshape(len(self.assets), -1)
+    def lookup(self, asset: np.ndarray, days: np.ndarray, rel: np.ndarray) -> np.ndarray:
+        """``[E, K, R]``: values of ``asset [E]`` on ``days [E, K]`` (-1: none) at clock
+        slots ``rel [E, R]`` relative to each day (NO_SLOT: none); NaN where nothing."""
+        day = days[:, :, None] + np.floor_divide(rel, SLOTS)[:, None, :]
+        k = self.compact[np.mod(rel, SLOTS)][:, None, :]
+        valid = ((days[:, :, None] >= 0) & (rel != NO_SLOT)[:, None, :] & (k >= 0)
+                 & (day >= 0) & (day < self.values.shape[1]))
+        found = self.values[asset[:, None, None], np.clip(day, 0, self.values.shape[1] - 1),
+                            np.clip(k, 0, None)]
+        return np.where(valid, found, np.nan)
 
     def complete(self) -> np.ndarray:
         """``[A, D]``: every settlement period of the day has exactly one reading."""
         return self.counts == self.periods[None, :]
+
+    def day_means(self) -> np.ndarray:
+        """``[A, D]``: mean of each day's readings (NaN for a day without any)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), np.nan)
 
     def reading(self, asset: int, day: int, slot: int) -> float:
         """The reading at extended slot ``slot`` (48, 49: the repeated hour's second time)."""
@@ -161,7 +178,8 @@ class Dense:
             return float(self.repeated[asset, long, 1, slot - SLOTS])
         if long >= 0 and slot in self.mirror:
             return float(self.repeated[asset, long, 0, self.mirror.index(slot)])
-        return float(self.values[asset, day, slot])
+        k = self.compact[slot]
+        return float(self.values[asset, day, k]) if k >= 0 else float("nan")
 
 
 def _asset_index(ids: list[str], dtype: pl.DataType) -> pl.Expr:
@@ -184,12 +202,18 @@ def _asset_index(ids: list[str], dtype: pl.DataType) -> pl.Expr:
 
 
 def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: Timeline,
-            *, progress: Progress | None = None, batch_rows: int = 8_000_000) -> Dense:
-    """Lay ``readings`` of ``assets`` out densely; rows of other assets or outside the
-    timeline are skipped. Memory: one float64 per asset, day and half hour (+4%)."""
+            needed: Iterable[int] = range(SLOTS), *, day_sums: bool = True,
+            progress: Progress | None = None, batch_rows: int = 8_000_000) -> Dense:
+    """Lay ``readings`` of ``assets`` out at the ``needed`` clock slots; count every reading
+    per day, and with ``day_sums`` sum them too. Rows of other assets or outside the
+    timeline are skipped. Memory: one float64 per asset, day and needed slot."""
     day_of, slot_of, periods, mirror = timeline.grid()
     n_assets, n_days = len(assets), timeline.days
-    values = np.full((n_assets, n_days, SLOTS), np.nan)
+    compact = np.full(SLOTS, -1, np.int64)
+    wanted = sorted(set(int(x) for x in needed))
+    compact[wanted] = np.arange(len(wanted))
+    width = max(len(wanted), 1)
+    values = np.full((n_assets, n_days, width), np.nan)
     flat_values = values.reshape(-1)
     long_days = np.flatnonzero(periods == SLOTS + EXTRA)
     long_index = np.full(n_days, -1, np.int64)
@@ -205,16 +229,21 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
     occurrence[on_long & np.isin(slot_of, mirror)] = 0
     which = np.where(slot_of >= SLOTS, slot_of - SLOTS,
                      np.where(slot_of == mirror[1], 1, 0)).astype(np.int64)
-    counts = np.zeros(n_assets * n_days, np.int64)
-    estimated = np.zeros(n_assets * n_days, np.int64)
+    # Position of each half hour's value in a day's row of ``values`` (-1: not needed).
+    position = compact[clock_of]
+    cells = n_assets * n_days
+    counts = np.zeros(cells, np.int64)
+    sums = np.zeros(cells)
+    estimated = np.zeros(cells, np.int64)
     lazy = readings.lazy() if isinstance(readings, pl.DataFrame) else readings
     schema = lazy.collect_schema()
     has_estimated = "estimated" in schema
     t0, horizon = timeline.t0_us, len(day_of)
     day_of64 = day_of.astype(np.int64)
-    # The index arithmetic runs in polars (all cores); numpy only scatters.
+    # The index arithmetic runs in polars (all cores); numpy only counts and scatters.
     half_hour = (pl.col("start").dt.epoch("us") - t0) // _HALF_HOUR_US
     day = pl.lit(pl.Series(day_of64)).gather(pl.col("p"))
+    at = pl.lit(pl.Series(position)).gather(pl.col("p"))
     prepared = lazy.with_columns(
         _asset_index(assets, schema["asset_id"]).alias("a"), half_hour.alias("p"),
     ).filter(pl.col("a").is_not_null() & (pl.col("p") >= 0) & (pl.col("p") < horizon)
@@ -222,39 +251,48 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
         "p", "a",
         (pl.col("a") * n_days + day).alias("cell"),
         pl.col("kwh").cast(pl.Float64),
-        (pl.col("estimated").fill_null(False) if has_estimated else pl.lit(False))
-        .alias("estimated"),
+        *([pl.col("estimated").fill_null(False)] if has_estimated else []),
     ).with_columns(
-        (pl.col("cell") * SLOTS + pl.lit(pl.Series(clock_of)).gather(pl.col("p")))
-        .alias("at"))
+        pl.when(at >= 0).then(pl.col("cell") * width + at).otherwise(-1).alias("at"))
+    if values.size < 2**31:  # narrower columns: less to copy out of polars per batch
+        prepared = prepared.with_columns(pl.col("cell", "at").cast(pl.Int32))
     done = 0
     for batch in prepared.collect_batches(chunk_size=batch_rows):
         cell = batch["cell"].to_numpy()
         kwh = batch["kwh"].to_numpy()
+        target = batch["at"].to_numpy()
+        keep = target >= 0
         if len(long_days):
             p = batch["p"].to_numpy()
             occ = occurrence[p]
             rep = occ >= 0
             a = batch["a"].to_numpy()
             repeated[a[rep], long_index[day_of64[p[rep]]], occ[rep], which[p[rep]]] = kwh[rep]
-            keep = occ != 1  # second occurrences live only in ``repeated``
-            flat_values[batch["at"].to_numpy()[keep]] = kwh[keep]
-        else:
-            flat_values[batch["at"].to_numpy()] = kwh
-        counts += np.bincount(cell, minlength=n_assets * n_days)
-        est = batch["estimated"].to_numpy()
-        if est.any():
-            estimated += np.bincount(cell[est], minlength=n_assets * n_days)
+            keep &= occ != 1  # second occurrences live only in ``repeated``
+        flat_values[target[keep]] = kwh[keep]
+        # Count over the batch's own range of cells: small when readings come grouped by
+        # meter, as meter data usually does; the whole range otherwise.
+        low, high = int(cell.min()), int(cell.max()) + 1
+        counts[low:high] += np.bincount(cell - low, minlength=high - low)
+        if day_sums:
+            sums[low:high] += np.bincount(cell - low, weights=kwh, minlength=high - low)
+        if has_estimated:
+            est = batch["estimated"].to_numpy()
+            if est.any():
+                estimated[low:high] += np.bincount(cell[est] - low, minlength=high - low)
         done += len(batch)
         if progress is not None:
             progress("lay out readings", done, 0)
-    for long, day in enumerate(long_days):
+    for long, long_day in enumerate(long_days):
         for k, slot in enumerate(mirror):
+            if compact[slot] < 0:
+                continue
             with np.errstate(invalid="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                values[:, day, slot] = np.nanmean(repeated[:, long, :, k], axis=1)
-    return Dense(assets, timeline, values, repeated, long_index,
+                values[:, long_day, compact[slot]] = np.nanmean(repeated[:, long, :, k], axis=1)
+    return Dense(assets, timeline, values, compact, repeated, long_index,
                  counts.reshape(n_assets, n_days).astype(np.int32),
+                 sums.reshape(n_assets, n_days),
                  estimated.reshape(n_assets, n_days).astype(np.int32), periods, mirror)
 
 
@@ -281,27 +319,42 @@ class Events:
 
 
 def _check_events(events: pl.DataFrame) -> list[str]:
+    """Every unusable event row, described; checked with column expressions, so only the
+    failing rows are visited one by one."""
+    missing = [c for c in ("asset_id", "event_id", "start", "end") if c not in events.columns]
+    if missing:
+        return [f"events: missing column {c!r}" for c in missing]
+    for column in ("start", "end"):
+        dtype = events.schema[column]
+        if not isinstance(dtype, pl.Datetime) or dtype.time_zone is None:
+            return [f"events: {column} must be a datetime with a time zone (UTC), not {dtype}"]
+
+    def off_half_hour(column: str) -> pl.Expr:
+        value = pl.col(column)
+        return (value.dt.minute() % 30 != 0) | (value.dt.second() != 0) | \
+            (value.dt.microsecond() != 0)
+
+    checked = events.with_row_index("row").with_columns(
+        (pl.col("start").is_null() | pl.col("end").is_null()).alias("null_time"),
+        (pl.col("end") <= pl.col("start")).alias("backwards"),
+        off_half_hour("start").alias("start_off"),
+        off_half_hour("end").alias("end_off"),
+        pl.struct("asset_id", "event_id").is_duplicated().alias("twice"),
+    )
+    flags = ["null_time", "backwards", "start_off", "end_off", "twice"]
     problems = []
-    for column in ("asset_id", "event_id", "start", "end"):
-        if column not in events.columns:
-            problems.append(f"events: missing column {column!r}")
-    if problems:
-        return problems
-    seen: set[tuple[str, str]] = set()
-    for i, row in enumerate(events.iter_rows(named=True)):
-        where = f"events row {i} (event {row['event_id']}, asset {row['asset_id']})"
-        start, end = row["start"], row["end"]
-        if start is None or end is None or start.tzinfo is None or end.tzinfo is None:
+    for row in checked.filter(pl.any_horizontal(flags)).iter_rows(named=True):
+        where = f"events row {row['row']} (event {row['event_id']}, asset {row['asset_id']})"
+        if row["null_time"]:
             problems.append(f"{where}: start and end need UTC times")
             continue
-        if end <= start:
+        if row["backwards"]:
             problems.append(f"{where}: end is not after start")
-        for name, value in (("start", start), ("end", end)):
-            if value.minute % 30 or value.second or value.microsecond:
-                problems.append(f"{where}: {name} {value:%H:%M:%S} is not on a half hour")
-        if (row["asset_id"], row["event_id"]) in seen:
+        for name in ("start", "end"):
+            if row[f"{name}_off"]:
+                problems.append(f"{where}: {name} {row[name]:%H:%M:%S} is not on a half hour")
+        if row["twice"]:
             problems.append(f"{where}: listed twice")
-        seen.add((row["asset_id"], row["event_id"]))
     return problems
 
 
@@ -370,24 +423,18 @@ class Selection:
     eligible: np.ndarray  # int [E]
 
 
-def _gather_mean(clock: np.ndarray, asset: np.ndarray, days: np.ndarray,
+def _gather_mean(dense: Dense, asset: np.ndarray, days: np.ndarray,
                  rel: np.ndarray) -> np.ndarray:
-    """Mean over ``days`` (-1 ignored) of ``clock`` at relative slots ``rel``.
-
-    ``asset [E]``, ``days [E, K]``, ``rel [E, R]`` (NO_SLOT ignored) → ``[E, R]`` (NaN when
-    no value)."""
-    width = clock.shape[1]
-    idx = days[:, :, None] * SLOTS + rel[:, None, :]  # [E, K, R]
-    valid = (days[:, :, None] >= 0) & (idx >= 0) & (idx < width) & (rel[:, None, :] != NO_SLOT)
-    vals = clock[asset[:, None, None], np.clip(idx, 0, width - 1)]
-    vals = np.where(valid, vals, np.nan)
+    """Mean over ``days`` (-1 ignored) at relative slots ``rel`` → ``[E, R]`` (NaN when no
+    value)."""
+    vals = dense.lookup(asset, days, rel)
     with np.errstate(invalid="ignore"):
         sums = np.nansum(vals, axis=1)
         n = np.sum(~np.isnan(vals), axis=1)
         return np.where(n > 0, sums / np.maximum(n, 1), np.nan)
 
 
-def select_days(dense: Dense, clock: np.ndarray, ev: Events, method: XofY,
+def select_days(dense: Dense, ev: Events, method: XofY,
                 calendar: Calendar, event_days: np.ndarray) -> Selection:
     """Choose each event's baseline days (vectorised over all events)."""
     dates = dense.timeline.dates()
@@ -408,10 +455,9 @@ def select_days(dense: Dense, clock: np.ndarray, ev: Events, method: XofY,
     if method.exclude_estimated:
         ok &= dense.estimated[a, cand_c] == 0
     if method.low_usage_fraction is not None:
-        day_clock = clock.reshape(clock.shape[0], -1, SLOTS)
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no candidates
-            day_mean = np.nanmean(day_clock[a, cand_c], axis=2)  # [E, L]
+            day_mean = dense.day_means()[a, cand_c]  # [E, L]
             average = np.nanmean(np.where(ok, day_mean, np.nan), axis=1)
             ok &= ~(day_mean < method.low_usage_fraction * average[:, None])
     rank = np.cumsum(ok, axis=1)
@@ -422,7 +468,7 @@ def select_days(dense: Dense, clock: np.ndarray, ev: Events, method: XofY,
     first = np.argsort(~chosen, axis=1, kind="stable")[:, :method.y]
     cand = np.where(np.take_along_axis(chosen, first, axis=1),
                     np.take_along_axis(cand, first, axis=1), -1)
-    window_mean = _window_means(clock, ev.asset, cand, ev.rel)
+    window_mean = _window_means(dense, ev.asset, cand, ev.rel)
     score = np.where(cand >= 0, window_mean, -np.inf)
     order = np.argsort(-score, axis=1, kind="stable")  # highest first; ties: most recent
     kept = np.minimum(method.x, eligible) if method.select != "all" else eligible
@@ -439,13 +485,10 @@ def select_days(dense: Dense, clock: np.ndarray, ev: Events, method: XofY,
     return Selection(days, np.where(ok_events, kept, 0), eligible)
 
 
-def _window_means(clock: np.ndarray, asset: np.ndarray, cand: np.ndarray, rel: np.ndarray
+def _window_means(dense: Dense, asset: np.ndarray, cand: np.ndarray, rel: np.ndarray
                   ) -> np.ndarray:
-    """``[E, L]``: mean of each candidate day over the event's relative slots."""
-    width = clock.shape[1]
-    idx = cand[:, :, None] * SLOTS + rel[:, None, :]
-    valid = (cand[:, :, None] >= 0) & (rel[:, None, :] != NO_SLOT) & (idx >= 0) & (idx < width)
-    vals = np.where(valid, clock[asset[:, None, None], np.clip(idx, 0, width - 1)], np.nan)
+    """``[E, K]``: mean of each candidate day over the event's relative slots."""
+    vals = dense.lookup(asset, cand, rel)
     with np.errstate(invalid="ignore"):
         sums = np.nansum(vals, axis=2)
         n = np.sum(~np.isnan(vals), axis=2)
@@ -549,14 +592,16 @@ def compute(
     asset_ids = sorted(set(events["asset_id"]))
     lookback = method.lookback_days if isinstance(method, XofY) else 2
     timeline = _timeline_for(events, lookback, tz)
-    dense = lay_out(readings, asset_ids, timeline, progress=progress)
     ev = _place(events, asset_ids, timeline)
+    dense = lay_out(readings, asset_ids, timeline,
+                    _needed_slots(ev, timeline, method, adjustment),
+                    day_sums=isinstance(method, XofY) and method.low_usage_fraction is not None,
+                    progress=progress)
     technology, units = _asset_attributes(assets, asset_ids)
     params = describe(method, adjustment if isinstance(method, XofY) else None)
-    clock = dense.by_clock()
     if progress is not None:
         progress("compute baselines", 0, len(ev.asset_id))
-    base, days_used, eligible, flags = _baselines(dense, clock, ev, method, calendar,
+    base, days_used, eligible, flags = _baselines(dense, ev, method, calendar,
                                                   nominations, technology, units)
     unadjusted = base.copy()
     adjustments = np.full(len(base), np.nan)
@@ -571,7 +616,7 @@ def compute(
             window = _window(ev.start[e], adjustment.window_minutes, adjustment.gap_minutes)
             rel = relative_slots(timeline, _positions(timeline, window)[None, :],
                                  ev.day[e:e + 1])
-            b_window = _gather_mean(clock, ev.asset[e:e + 1], days_used[e][None, :],
+            b_window = _gather_mean(dense, ev.asset[e:e + 1], days_used[e][None, :],
                                     rel)[0].tolist()
             m_window = [_metered(dense, int(ev.asset[e]), w) for w in window]
             value, more = adjust(b_window, m_window, adjustment)
@@ -585,6 +630,26 @@ def compute(
                  eligible, flags)
 
 
+def _needed_slots(ev: Events, timeline: Timeline, method: Method,
+                  adjustment: SameDayAdjustment | None) -> set[int]:
+    """Clock slots (0–47) whose values the method will read: the event periods and any
+    window before the start (adjustment or pre-event)."""
+    slots = {int(r) % SLOTS for r in np.unique(ev.rel) if r != NO_SLOT}
+    window = None
+    if isinstance(method, PreEvent):
+        window = (method.window_minutes, method.gap_minutes)
+    elif isinstance(method, XofY) and adjustment is not None:
+        window = (adjustment.window_minutes, adjustment.gap_minutes)
+    if window is not None:
+        _, clock = _clock_of(timeline)
+        back = np.arange(1, (window[0] + window[1]) // 30 + 1)
+        before = ev.p0[:, None] - back[None, :]
+        slots |= set(np.unique(clock[before[before >= 0]]).tolist())
+    if not isinstance(method, (XofY, PreEvent)):
+        return set()
+    return slots
+
+
 def _asset_attributes(assets: pl.DataFrame | None, ids: list[str]
                       ) -> tuple[list[str | None], list[int]]:
     if assets is None:
@@ -595,7 +660,7 @@ def _asset_attributes(assets: pl.DataFrame | None, ids: list[str]
     return tech, units
 
 
-def _baselines(dense: Dense, clock: np.ndarray, ev: Events, method: Method,
+def _baselines(dense: Dense, ev: Events, method: Method,
                calendar: Calendar, nominations: pl.DataFrame | None,
                technology: list[str | None], units: list[int]
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str]]]:
@@ -613,8 +678,8 @@ def _baselines(dense: Dense, clock: np.ndarray, ev: Events, method: Method,
     if isinstance(method, XofY):
         event_days = _event_days(dense, zip(ev.asset.tolist(), ev.day.tolist(),
                                             ev.end_day.tolist(), strict=True))
-        sel = select_days(dense, clock, ev, method, calendar, event_days)
-        values = _gather_mean(clock, ev.asset, sel.days, ev.rel)
+        sel = select_days(dense, ev, method, calendar, event_days)
+        values = _gather_mean(dense, ev.asset, sel.days, ev.rel)
         too_few = sel.eligible < method.min_days
         values[too_few] = np.nan
         for e in np.flatnonzero(too_few):

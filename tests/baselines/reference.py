@@ -30,11 +30,13 @@ def reference(readings: list[tuple[str, dt.datetime, float, bool]],
     local = zone(tz)
     by_clock: dict[tuple[str, dt.date, int], list[float]] = defaultdict(list)
     count: dict[tuple[str, dt.date], int] = defaultdict(int)
+    total: dict[tuple[str, dt.date], float] = defaultdict(float)
     estimated: dict[tuple[str, dt.date], bool] = defaultdict(bool)
     for asset, start, kwh, est in readings:
         day = start.astimezone(local).date()
         by_clock[(asset, day, clock_slot(start, tz))].append(kwh)
         count[(asset, day)] += 1
+        total[(asset, day)] += kwh
         estimated[(asset, day)] |= est
     event_days: dict[str, set[dt.date]] = defaultdict(set)
     for asset, _, start, end in events:
@@ -75,10 +77,8 @@ def reference(readings: list[tuple[str, dt.datetime, float, bool]],
                 continue
             eligible.append(day)
         if method.low_usage_fraction is not None and eligible:
-            means = {}
-            for day in eligible:
-                values = [v for s in range(48) if (v := value(asset, day, s)) is not None]
-                means[day] = sum(values) / len(values)
+            # A day's mean is the mean of its readings (all 46, 48 or 50 of them).
+            means = {day: total[(asset, day)] / count[(asset, day)] for day in eligible}
             average = sum(means.values()) / len(means)
             eligible = [d for d in eligible if not means[d] < method.low_usage_fraction * average]
         candidates = eligible[:method.y]
