@@ -20,6 +20,7 @@ import datetime as dt
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import polars as pl
@@ -90,6 +91,7 @@ class Timeline:
     def dates(self) -> list[dt.date]:
         return [self.first + dt.timedelta(days=i) for i in range(self.days)]
 
+    @cached_property
     def grid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
         """For every half hour since the first local midnight: its day index and its
         extended clock slot; per day, its number of settlement periods; and which clock
@@ -117,14 +119,6 @@ class Timeline:
             day_of[i], slot_of[i] = d, s
         periods = np.bincount(day_of, minlength=self.days).astype(np.int32)
         return day_of, slot_of, periods, (mirror[0], mirror[1])
-
-    def relative_slot(self, instant: dt.datetime, event_day: int) -> int:
-        """Clock slot of ``instant`` counted from the event day's local midnight (negative
-        before it, ≥ 48 on later days): the same clock time on another day is the same
-        number of days × 48 away."""
-        local = instant.astimezone(zone(self.tz))
-        return ((local.date() - self.first).days - event_day) * SLOTS + \
-            local.hour * 2 + local.minute // 30
 
 
 @dataclass
@@ -207,7 +201,7 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
     """Lay ``readings`` of ``assets`` out at the ``needed`` clock slots; count every reading
     per day, and with ``day_sums`` sum them too. Rows of other assets or outside the
     timeline are skipped. Memory: one float64 per asset, day and needed slot."""
-    day_of, slot_of, periods, mirror = timeline.grid()
+    day_of, slot_of, periods, mirror = timeline.grid
     n_assets, n_days = len(assets), timeline.days
     compact = np.full(SLOTS, -1, np.int64)
     wanted = sorted(set(int(x) for x in needed))
@@ -367,7 +361,7 @@ def _timeline_for(events: pl.DataFrame, lookback: int, tz: str) -> Timeline:
 
 def _clock_of(timeline: Timeline) -> tuple[np.ndarray, np.ndarray]:
     """Per half hour of the timeline: day index and local clock slot (0–47)."""
-    day_of, slot_of, _, mirror = _grid(timeline)
+    day_of, slot_of, _, mirror = timeline.grid
     extra = np.array(mirror, np.int64)
     clock = np.where(slot_of >= SLOTS, extra[np.clip(slot_of - SLOTS, 0, 1)], slot_of)
     return day_of.astype(np.int64), clock.astype(np.int64)
@@ -502,20 +496,10 @@ def _metered(dense: Dense, asset: int, instant: dt.datetime) -> float:
     """The reading of ``asset`` for the half hour starting at ``instant`` (NaN if none)."""
     timeline = dense.timeline
     p = int((instant.timestamp() * _US - timeline.t0_us) // _HALF_HOUR_US)
-    day_of, slot_of, _, _ = _grid(timeline)
+    day_of, slot_of, _, _ = timeline.grid
     if not 0 <= p < len(day_of):
         return float("nan")
     return dense.reading(asset, int(day_of[p]), int(slot_of[p]))
-
-
-_GRIDS: dict[Timeline, tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]] = {}
-
-
-def _grid(timeline: Timeline) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
-    if timeline not in _GRIDS:
-        _GRIDS.clear()
-        _GRIDS[timeline] = timeline.grid()
-    return _GRIDS[timeline]
 
 
 def _window(start: dt.datetime, minutes: int, gap: int) -> list[dt.datetime]:
