@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -195,6 +195,17 @@ def _asset_index(ids: list[str], dtype: pl.DataType) -> pl.Expr:
     return col.cast(pl.String).cast(pl.Enum(ids), strict=False).to_physical().cast(pl.Int64)
 
 
+def _chunks(query: pl.LazyFrame, rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """The query's result, chunk by chunk, as numpy arrays viewing polars' own memory.
+
+    A streamed batch is made of many small chunks; ``Series.to_numpy`` would concatenate
+    (copy) them, which costs seconds over hundreds of millions of rows."""
+    for batch in query.collect_batches(chunk_size=rows):
+        for chunk in batch.to_arrow().to_batches():
+            yield {name: column.to_numpy(zero_copy_only=False)
+                   for name, column in zip(chunk.schema.names, chunk.columns, strict=True)}
+
+
 def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: Timeline,
             needed: Iterable[int] = range(SLOTS), *, day_sums: bool = True,
             progress: Progress | None = None, batch_rows: int = 8_000_000) -> Dense:
@@ -251,16 +262,16 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
     if values.size < 2**31:  # narrower columns: less to copy out of polars per batch
         prepared = prepared.with_columns(pl.col("cell", "at").cast(pl.Int32))
     done = 0
-    for batch in prepared.collect_batches(chunk_size=batch_rows):
-        cell = batch["cell"].to_numpy()
-        kwh = batch["kwh"].to_numpy()
-        target = batch["at"].to_numpy()
+    for batch in _chunks(prepared, batch_rows):
+        cell = batch["cell"]
+        kwh = batch["kwh"]
+        target = batch["at"]
         keep = target >= 0
         if len(long_days):
-            p = batch["p"].to_numpy()
+            p = batch["p"]
             occ = occurrence[p]
             rep = occ >= 0
-            a = batch["a"].to_numpy()
+            a = batch["a"]
             repeated[a[rep], long_index[day_of64[p[rep]]], occ[rep], which[p[rep]]] = kwh[rep]
             keep &= occ != 1  # second occurrences live only in ``repeated``
         flat_values[target[keep]] = kwh[keep]
@@ -271,10 +282,10 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
         if day_sums:
             sums[low:high] += np.bincount(cell - low, weights=kwh, minlength=high - low)
         if has_estimated:
-            est = batch["estimated"].to_numpy()
+            est = batch["estimated"]
             if est.any():
                 estimated[low:high] += np.bincount(cell[est] - low, minlength=high - low)
-        done += len(batch)
+        done += len(cell)
         if progress is not None:
             progress("lay out readings", done, 0)
     for long, long_day in enumerate(long_days):
@@ -353,10 +364,12 @@ def _check_events(events: pl.DataFrame) -> list[str]:
 
 
 def _timeline_for(events: pl.DataFrame, lookback: int, tz: str) -> Timeline:
-    local = [s.astimezone(zone(tz)).date() for s in events["start"]]
-    last = [e.astimezone(zone(tz)).date() for e in events["end"]]
-    first = min(local) - dt.timedelta(days=lookback + 1)
-    return Timeline(first, (max(last) - first).days + 2, tz)
+    span = events.select(
+        pl.col("start").dt.convert_time_zone(tz).dt.date().min().alias("first"),
+        pl.col("end").dt.convert_time_zone(tz).dt.date().max().alias("last"),
+    ).row(0)
+    first = span[0] - dt.timedelta(days=lookback + 1)
+    return Timeline(first, (span[1] - first).days + 2, tz)
 
 
 def _clock_of(timeline: Timeline) -> tuple[np.ndarray, np.ndarray]:
@@ -384,11 +397,16 @@ def _positions(timeline: Timeline, instants: list[dt.datetime]) -> np.ndarray:
 
 
 def _place(events: pl.DataFrame, assets: list[str], timeline: Timeline) -> Events:
-    position = {a: i for i, a in enumerate(assets)}
-    starts = [x.astimezone(dt.UTC) for x in events["start"]]
-    ends = [x.astimezone(dt.UTC) for x in events["end"]]
-    p0 = _positions(timeline, starts)
-    length = _positions(timeline, ends) - p0
+    """Where each event sits on the timeline (vectorised over the events)."""
+    t0 = timeline.t0_us
+    at = events.select(
+        ((pl.col("start").dt.epoch("us") - t0) // _HALF_HOUR_US).alias("p0"),
+        ((pl.col("end").dt.epoch("us") - t0) // _HALF_HOUR_US).alias("p1"),
+        pl.col("asset_id").replace_strict(assets, list(range(len(assets))),
+                                          return_dtype=pl.Int64).alias("asset"),
+    )
+    p0 = at["p0"].to_numpy()
+    length = at["p1"].to_numpy() - p0
     day_of, _ = _clock_of(timeline)
     day = day_of[p0]
     width = int(length.max())
@@ -397,8 +415,8 @@ def _place(events: pl.DataFrame, assets: list[str], timeline: Timeline) -> Event
     return Events(
         asset_id=events["asset_id"].to_list(),
         event_id=events["event_id"].to_list(),
-        start=starts,
-        asset=np.array([position[a] for a in events["asset_id"]], np.int64),
+        start=events["start"].dt.convert_time_zone("UTC").to_list(),
+        asset=at["asset"].to_numpy(),
         day=day, p0=p0, length=length,
         rel=relative_slots(timeline, p, day),
         end_day=day_of[p0 + length - 1],
