@@ -22,7 +22,9 @@ def _read(path: Path, required: dict[str, pl.DataType], what: str) -> pl.LazyFra
     """Scan a Parquet or CSV file, casting the required columns; names what is missing."""
     if not path.exists():
         raise BaselineInputError([f"{what} file {path} does not exist"])
-    if path.suffix.lower() == ".parquet" or path.is_dir():
+    if path.is_dir():  # a dataset: every .parquet file below it, whatever else is there
+        frame = pl.scan_parquet(str(path / "**" / "*.parquet"))
+    elif path.suffix.lower() == ".parquet":
         frame = pl.scan_parquet(path)
     elif path.suffix.lower() == ".csv":
         frame = pl.scan_csv(path, infer_schema=False)
@@ -92,9 +94,19 @@ def _method(args: argparse.Namespace) -> Method:
     return Fixed(0.0 if args.method == "zero" else args.kwh)
 
 
-def _progress(stage: str, done: int, total: int) -> None:
-    shown = f"{done:,}/{total:,}" if total else f"{done:,} rows"
-    print(f"\r{stage}: {shown}", end="", file=sys.stderr, flush=True)
+class _Progress:
+    """Progress on stderr, at most four updates a second (the last is always shown)."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.25 and not (total and done == total):
+            return
+        self.last = now
+        shown = f"{done:,}/{total:,}" if total else f"{done:,} rows"
+        print(f"\r{stage}: {shown}\033[K", end="", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         calendar = Calendar.with_extra(None if args.region == "none" else args.region,
                                        args.holiday)
         result = compute(readings, events, _method(args), adjustment=adjustment, assets=assets,
-                         calendar=calendar, tz=args.tz, progress=_progress)
+                         calendar=calendar, tz=args.tz, progress=_Progress())
     except (BaselineInputError, ValueError, pl.exceptions.PolarsError) as exc:
         print(f"\nbaselines: {exc}", file=sys.stderr)
         return 1

@@ -55,3 +55,21 @@ def test_cli_help_lists_methods() -> None:
     assert result.returncode == 0
     for name in ("mid_8_of_10", "high_4_of_5", "10_of_10", "previous_3_weeks", "--adjust"):
         assert name in result.stdout
+
+
+def test_cli_reads_a_parquet_dataset_directory(tmp_path: Path) -> None:
+    """A directory of Parquet files (partitioned by month, say, with other files beside
+    them) is read as one data set."""
+    data = readings()
+    dataset = tmp_path / "meter-data"
+    for month, part in ((1, data.filter(pl.col("start").dt.month() == 1)),
+                        (2, data.filter(pl.col("start").dt.month() == 2))):
+        (dataset / f"month=2026-{month:02d}").mkdir(parents=True)
+        part.write_parquet(dataset / f"month=2026-{month:02d}" / "part-0.parquet")
+    (dataset / "README.txt").write_text("not data")
+    event().write_csv(tmp_path / "e.csv")
+    result = _run("--readings", str(dataset), "--events", str(tmp_path / "e.csv"),
+                  "--method", "mid_8_of_10", "--out", str(tmp_path / "o.parquet"))
+    assert result.returncode == 0, result.stderr
+    assert pl.read_parquet(tmp_path / "o.parquet")["baseline_kwh"].to_list() == \
+        pytest.approx([21.75, 21.75])
