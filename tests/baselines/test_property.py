@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from dataclasses import dataclass
 
 import polars as pl
 from hypothesis import given, settings
@@ -20,8 +21,23 @@ from tests.baselines.reference import reference
 STARTS = [dt.date(2026, 1, 5), dt.date(2026, 10, 1), dt.date(2026, 3, 10)]
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """Generated readings, events and method; its repr leaves out the thousands of rows so
+    that a failing example is reported readably."""
+
+    rows: list
+    events: list
+    method: XofY
+
+    def __repr__(self) -> str:
+        first = self.rows[0][1] if self.rows else None
+        return (f"Scenario({len(self.rows)} readings from {first}, events={self.events!r}, "
+                f"method={self.method!r})")
+
+
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[list, list, XofY]:
+def scenarios(draw: st.DrawFn) -> Scenario:
     first = draw(st.sampled_from(STARTS))
     days = draw(st.integers(12, 30))
     assets = [f"A{i}" for i in range(draw(st.integers(1, 3)))]
@@ -57,13 +73,13 @@ def scenarios(draw: st.DrawFn) -> tuple[list, list, XofY]:
         low_usage_fraction=draw(st.sampled_from([None, 0.5])),
         exclude_estimated=draw(st.booleans()),
     )
-    return rows, events, method
+    return Scenario(rows, events, method)
 
 
 @settings(max_examples=60, deadline=None)
 @given(scenarios())
-def test_vectorised_equals_reference(case: tuple[list, list, XofY]) -> None:
-    rows, events, method = case
+def test_vectorised_equals_reference(case: Scenario) -> None:
+    rows, events, method = case.rows, case.events, case.method
     calendar = Calendar()
     frame = pl.DataFrame(rows, schema={"asset_id": pl.String, "start": pl.Datetime("us", "UTC"),
                                        "kwh": pl.Float64, "estimated": pl.Boolean},
