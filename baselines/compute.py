@@ -92,6 +92,15 @@ class Timeline:
         return [self.first + dt.timedelta(days=i) for i in range(self.days)]
 
     @cached_property
+    def clock(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per half hour of the timeline: day index and local clock slot (0–47; the
+        repeated hour's second occurrence maps to the clock slot it repeats)."""
+        day_of, slot_of, _, mirror = self.grid
+        extra = np.array(mirror, np.int64)
+        clock = np.where(slot_of >= SLOTS, extra[np.clip(slot_of - SLOTS, 0, 1)], slot_of)
+        return day_of.astype(np.int64), clock.astype(np.int64)
+
+    @cached_property
     def grid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
         """For every half hour since the first local midnight: its day index and its
         extended clock slot; per day, its number of settlement periods; and which clock
@@ -226,8 +235,7 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
     repeated = np.full((n_assets, len(long_days), 2, EXTRA), np.nan)
     # Where each half hour of the timeline goes: its clock slot, and for the repeated hour
     # which occurrence it is (0 first, 1 second; -1 for every other half hour).
-    clock_of = np.where(slot_of >= SLOTS, np.array(mirror)[np.clip(slot_of - SLOTS, 0, 1)],
-                        slot_of).astype(np.int64)
+    day_of64, clock_of = timeline.clock
     occurrence = np.full(len(day_of), -1, np.int64)
     on_long = long_index[day_of] >= 0
     occurrence[on_long & (slot_of >= SLOTS)] = 1
@@ -244,7 +252,6 @@ def lay_out(readings: pl.LazyFrame | pl.DataFrame, assets: list[str], timeline: 
     schema = lazy.collect_schema()
     has_estimated = "estimated" in schema
     t0, horizon = timeline.t0_us, len(day_of)
-    day_of64 = day_of.astype(np.int64)
     # The index arithmetic runs in polars (all cores); numpy only counts and scatters.
     half_hour = (pl.col("start").dt.epoch("us") - t0) // _HALF_HOUR_US
     day = pl.lit(pl.Series(day_of64)).gather(pl.col("p"))
@@ -372,19 +379,11 @@ def _timeline_for(events: pl.DataFrame, lookback: int, tz: str) -> Timeline:
     return Timeline(first, (span[1] - first).days + 2, tz)
 
 
-def _clock_of(timeline: Timeline) -> tuple[np.ndarray, np.ndarray]:
-    """Per half hour of the timeline: day index and local clock slot (0–47)."""
-    day_of, slot_of, _, mirror = timeline.grid
-    extra = np.array(mirror, np.int64)
-    clock = np.where(slot_of >= SLOTS, extra[np.clip(slot_of - SLOTS, 0, 1)], slot_of)
-    return day_of.astype(np.int64), clock.astype(np.int64)
-
-
 def relative_slots(timeline: Timeline, p: np.ndarray, day: np.ndarray) -> np.ndarray:
     """Clock slots of half hours ``p [E, R]`` (timeline positions; negative = padding)
     relative to each row's event day ``day [E]``: the same clock time a day later is 48
     further on."""
-    day_of, clock = _clock_of(timeline)
+    day_of, clock = timeline.clock
     inside = (p >= 0) & (p < len(day_of))
     q = np.clip(p, 0, len(day_of) - 1)
     return np.where(inside, (day_of[q] - day[:, None]) * SLOTS + clock[q], NO_SLOT)
@@ -407,7 +406,7 @@ def _place(events: pl.DataFrame, assets: list[str], timeline: Timeline) -> Event
     )
     p0 = at["p0"].to_numpy()
     length = at["p1"].to_numpy() - p0
-    day_of, _ = _clock_of(timeline)
+    day_of, _ = timeline.clock
     day = day_of[p0]
     width = int(length.max())
     steps = np.arange(width)[None, :]
@@ -643,7 +642,7 @@ def _needed_slots(ev: Events, timeline: Timeline, method: Method,
     elif isinstance(method, XofY) and adjustment is not None:
         window = (adjustment.window_minutes, adjustment.gap_minutes)
     if window is not None:
-        _, clock = _clock_of(timeline)
+        _, clock = timeline.clock
         back = np.arange(1, (window[0] + window[1]) // 30 + 1)
         before = ev.p0[:, None] - back[None, :]
         slots |= set(np.unique(clock[before[before >= 0]]).tolist())
