@@ -40,8 +40,10 @@ def reference(readings: list[tuple[str, dt.datetime, float, bool]],
         estimated[(asset, day)] |= est
     event_days: dict[str, set[dt.date]] = defaultdict(set)
     for asset, _, start, end in events:
+        # Every local day holding one of the event's half hours (an event ending at
+        # midnight does not touch the next day).
         day = start.astimezone(local).date()
-        while day <= end.astimezone(local).date():
+        while day <= (end - HALF_HOUR).astimezone(local).date():
             event_days[asset].add(day)
             day += dt.timedelta(days=1)
 

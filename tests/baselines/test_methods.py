@@ -143,6 +143,17 @@ def test_an_earlier_event_day_pushes_selection_back() -> None:
     assert one(out, "selected_days") == "2026-01-27,2026-01-28,2026-01-29,2026-01-30"
 
 
+def test_an_event_ending_at_midnight_leaves_the_next_day_eligible() -> None:
+    """An event 22:00–00:00 on Thu 29 Jan makes 29 Jan ineligible but not 30 Jan: high 4
+    of 5 then uses 26, 27, 28, 30 Jan and 2 Feb (22 23 24 26 29) and keeps 23+24+26+29 =
+    102, /4 = 25.5."""
+    earlier = event(dt.datetime(2026, 1, 29, 22, tzinfo=dt.UTC), 120, event_id="E0")
+    out = compute(readings(), pl.concat([event(), earlier]), PRESETS["high_4_of_5"]).filter(
+        pl.col("event_id") == "E1")
+    assert out["baseline_kwh"].to_list() == pytest.approx([25.5, 25.5])
+    assert one(out, "selected_days") == "2026-01-27,2026-01-28,2026-01-30,2026-02-02"
+
+
 def test_a_bank_holiday_is_not_a_weekday_candidate() -> None:
     """Declare Mon 2 Feb a holiday: high 4 of 5 looks back to 26–30 Jan as above: 24.5.
     Without the holiday it was 26."""

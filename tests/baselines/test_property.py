@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 from hypothesis import given, settings
@@ -34,6 +35,10 @@ class Scenario:
         first = self.rows[0][1] if self.rows else None
         return (f"Scenario({len(self.rows)} readings from {first}, events={self.events!r}, "
                 f"method={self.method!r})")
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """Hypothesis prints dataclasses field by field unless this says otherwise."""
+        printer.text(repr(self))
 
 
 @st.composite
