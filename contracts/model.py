@@ -44,6 +44,8 @@ class Channel(StrEnum):
 class SystemOperator(Frozen):
     id: Id
     name: str = Field(min_length=1)
+    escalation_emails: tuple[str, ...] = ()
+    """Control-room addresses told when an FSP does not answer an instruction in time."""
 
 
 class Endpoints(Frozen):

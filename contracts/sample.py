@@ -60,7 +60,8 @@ def build_sample(
     rng = random.Random(seed)
     today = today or dt.date.today()
     sos = {
-        f"SO{i + 1}": SystemOperator(id=f"SO{i + 1}", name=_SO_NAMES[i % len(_SO_NAMES)])
+        f"SO{i + 1}": SystemOperator(id=f"SO{i + 1}", name=_SO_NAMES[i % len(_SO_NAMES)],
+                                     escalation_emails=(f"control-room@so{i + 1}.example",))
         for i in range(n_sos)
     }
     fsps = {}

@@ -9,17 +9,19 @@ Every error has one shape: ``{"error": "...", "problems": [{"field", "reason",
 
 
 import datetime as dt
+import html
 import inspect
 import json
 import time
 from typing import Annotated, Any
+from urllib.parse import parse_qs
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from dispatchd.core.engine import InstructionView
 from dispatchd.core.instruction import (
@@ -64,6 +66,10 @@ class RevisionOut(BaseModel):
     delivered: dict[str, dt.datetime]
     """First hand-over per channel."""
     send_attempts: int
+    delivery_failed: dict[str, str]
+    """Channels that gave up on this revision for good, with the reason."""
+    escalated: bool
+    """Whether its expiry was escalated."""
     ack: AckOut | None
 
 
@@ -249,6 +255,103 @@ def create_app(service: Service) -> Any:
                   who: Annotated[Caller, Depends(fsp)]) -> Response:
         view, created = await service.acknowledge(who.id, instruction_id, body)
         return answer(view, created, status=200)
+
+    # ------------------------------------------------------------------ streams
+
+    async def open_stream(ws: WebSocket, role: str, since: int) -> None:
+        header = ws.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        who = service.authenticate(token if scheme.lower() == "bearer" else None)
+        if who is None:
+            await ws.send_denial_response(_error(401, (
+                Problem("authorization", "a valid bearer token is needed"),)))
+            return
+        if who.role != role:
+            other = "/v1/stream" if who.role == "fsp" else "/v1/so/stream"
+            await ws.send_denial_response(_error(403, (
+                Problem("authorization", f"this stream is for {role} tokens; use {other}"),)))
+            return
+        latest = service.engine.feed_length(role, who.id)
+        if since > latest:
+            await ws.send_denial_response(_error(409, (Problem(
+                "since", f"{since} is beyond the newest event of this stream ({latest})"),)))
+            return
+        await ws.accept()
+        await service.streams.serve(
+            ws, role=role, principal=who.id, since=since,
+            length=lambda: service.engine.feed_length(role, who.id),
+            event=lambda n: service.engine.feed_event(role, who.id, n),
+            reply=(lambda text: service.stream_ack(who.id, text)) if role == "fsp" else None,
+            sent=service.stream_sent if role == "fsp" else None,
+        )
+
+    @app.websocket("/v1/stream")
+    async def fsp_stream(ws: WebSocket, since: Annotated[int, Query(ge=0)] = 0) -> None:
+        """An FSP's events (instructions, amendments, cancellations, expiries, its own
+        acknowledgements), numbered per FSP; acknowledgements may be sent back as frames."""
+        await open_stream(ws, "fsp", since)
+
+    @app.websocket("/v1/so/stream")
+    async def so_stream(ws: WebSocket, since: Annotated[int, Query(ge=0)] = 0) -> None:
+        """Every state change of an SO's instructions, numbered per SO."""
+        await open_stream(ws, "so", since)
+
+    # ------------------------------------------------------------------ email links
+
+    def link_page(title: str, body: str, status: int = 200) -> HTMLResponse:
+        return HTMLResponse(
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title></head><body style='font-family:sans-serif;max-width:40em'>"
+            f"<h1>{html.escape(title)}</h1>{body}</body></html>", status)
+
+    def linked(instruction_id: str, revision: int, fsp_id: str, sig: str) -> Instruction | None:
+        if not service.links.valid(fsp_id, instruction_id, revision, sig):
+            return None
+        return service.instruction_for_link(fsp_id, instruction_id, revision)
+
+    @app.get("/v1/respond/{instruction_id}/{revision}", include_in_schema=False)
+    async def respond_page(instruction_id: str, revision: int, fsp: str = "", sig: str = ""
+                           ) -> HTMLResponse:
+        """The page an email's acknowledge link opens: it asks, it changes nothing."""
+        inst = linked(instruction_id, revision, fsp, sig)
+        if inst is None:
+            return link_page("Link not valid", "<p>This acknowledge link is not valid.</p>", 404)
+        state = service.engine.view(instruction_id)
+        assert state is not None
+        answered = state.revisions[revision].ack
+        summary = (f"<p>{html.escape(inst.kind.value)} {html.escape(inst.id)} revision "
+                   f"{revision}: {html.escape(inst.direction.value)} {inst.capacity_mw:g} MW "
+                   f"from {inst.start.isoformat()} to {inst.end.isoformat()}.</p>")
+        if answered is not None:
+            return link_page("Already answered", summary + f"<p>Answered "
+                             f"{html.escape(answered.response.value)} at "
+                             f"{answered.at.isoformat()}.</p>")
+        return link_page("Acknowledge instruction", summary + (
+            "<form method='post'><p><label>Reason (needed to reject): "
+            "<input name='reason' size='40'></label></p>"
+            "<button name='response' value='accepted'>Accept</button> "
+            "<button name='response' value='rejected'>Reject</button></form>"))
+
+    @app.post("/v1/respond/{instruction_id}/{revision}", include_in_schema=False)
+    async def respond(request: Request, instruction_id: str, revision: int, fsp: str = "",
+                      sig: str = "") -> HTMLResponse:
+        if linked(instruction_id, revision, fsp, sig) is None:
+            return link_page("Link not valid", "<p>This acknowledge link is not valid.</p>", 404)
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        response = form.get("response", [""])[0]
+        reason = form.get("reason", [""])[0].strip()
+        try:
+            view, _ = await service.respond_by_link(fsp, instruction_id, revision, response,
+                                                    reason)
+        except ValidationError as exc:
+            return link_page("Not recorded", "".join(
+                f"<p>{html.escape(str(e['msg']))}</p>" for e in exc.errors()), 422)
+        except Refusal as refusal:
+            return link_page("Not recorded", "".join(
+                f"<p>{html.escape(p.reason)}</p>" for p in refusal.problems), refusal.status)
+        return link_page("Recorded", f"<p>Your answer ({html.escape(response)}) to "
+                         f"{html.escape(instruction_id)} revision {revision} is recorded; the "
+                         f"instruction is now {html.escape(view.state.value)}.</p>")
 
     @app.get("/healthz", summary="Liveness and readiness")
     async def healthz() -> dict[str, Any]:

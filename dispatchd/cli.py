@@ -1,4 +1,4 @@
-"""The ``dispatchd`` command: serve, send, tail, demo."""
+"""The ``dispatchd`` command: serve, send, tail, demo, webhook-secret."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ examples:
   dispatchd send --contract C00003 --mw 1.5 --start +10m --end +70m
   dispatchd tail --since 0
   dispatchd demo
+  dispatchd webhook-secret
 
 The client commands (send, tail) read the service URL from --url or FLEXOPS_URL
 (default http://127.0.0.1:8080) and the bearer token from --token or FLEXOPS_TOKEN.
@@ -62,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the service",
-                           description="Run dispatchd: replay the journal, re-send anything "
-                           "unacknowledged, then serve the HTTP API and MQTT delivery.")
+                           description="Run dispatchd: check every FSP's channel settings, "
+                           "replay the journal, re-send anything unacknowledged, then serve the "
+                           "HTTP API and websocket streams and deliver over MQTT, email and "
+                           "webhooks. Exit status 2 on a configuration problem.")
     serve.add_argument("--config", required=True, type=Path,
                        help="TOML configuration (see docs/configuration.md)")
     serve.add_argument("--listen", metavar="HOST:PORT", help="overrides service.listen")
@@ -101,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="working directory for contracts, config and journal")
     demo.add_argument("--instructions", type=int, default=300, help="size of the burst")
     demo.add_argument("--rate", type=float, default=100.0, help="instructions per second")
+
+    sub.add_parser("webhook-secret", help="print a new webhook signing secret",
+                   description="Print a new random secret in the Standard Webhooks form "
+                   "(whsec_ + base64). Put it in the environment variable that the FSP's "
+                   "webhook_secret_env names, and give it to the FSP to verify signatures.")
     return parser
 
 
@@ -209,7 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         runner(main())
-    except JournalError as exc:
+    except (JournalError, ConfigError) as exc:
         print(f"dispatchd: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -228,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_tail(args)
         except KeyboardInterrupt:
             return 0
+    if args.command == "webhook-secret":
+        from dispatchd.webhooks import new_secret
+
+        print(new_secret())
+        return 0
     from dispatchd.demo import run_demo
 
     return run_demo(out=args.out, instructions=args.instructions, rate=args.rate)

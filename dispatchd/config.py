@@ -68,6 +68,8 @@ class JournalConfig(Frozen):
 
 
 class MqttConfig(Frozen):
+    enabled: bool = True
+    """Connect to a broker; with false, no FSP may list the mqtt channel."""
     url: str = "mqtt://127.0.0.1:1883"
     """Broker as mqtt://HOST:PORT."""
     client_id: str = "flexops-dispatchd"
@@ -116,6 +118,55 @@ class DeliveryConfig(Frozen):
     """Re-sends are never further apart than this."""
 
 
+class WebsocketConfig(Frozen):
+    ping_interval_s: float = Field(default=20.0, gt=0)
+    """A ping goes to each stream client this often."""
+    ping_timeout_s: float = Field(default=20.0, gt=0)
+    """A client that has not answered a ping within this is disconnected."""
+    send_timeout_s: float = Field(default=10.0, gt=0)
+    """A client whose socket accepts nothing for this long is dropped (it resumes with
+    ``since``); the send buffer is bounded, so a slow reader holds no more memory."""
+    tcp_user_timeout_s: float = Field(default=30.0, gt=0)
+    """The kernel gives up on a connection whose sent data stays unacknowledged this long."""
+    send_buffer_bytes: int = Field(default=262_144, ge=4096)
+    """Kernel send buffer of each connection (SO_SNDBUF, set on the listening socket, so
+    HTTP connections get it too): with the 64 KiB transport buffer above it, the most a
+    client that stops reading can hold up."""
+    compression: bool = False
+    """Offer permessage-deflate; it costs a compressor (hundreds of KiB) per connection."""
+
+
+class EmailConfig(Frozen):
+    enabled: bool = False
+    """Send email (instructions to FSPs listing the email channel, and escalations)."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=25, gt=0, lt=65536)
+    security: Literal["none", "starttls", "tls"] = "none"
+    """``starttls`` upgrades a plain connection (port 587); ``tls`` is implicit TLS (465)."""
+    username: str | None = None
+    password_env: str | None = None
+    """Environment variable holding the SMTP password."""
+    from_address: str = "flexops dispatch <dispatch@localhost>"
+    timeout_s: float = Field(default=10.0, gt=0)
+    workers: int = Field(default=2, ge=1, le=64)
+    """SMTP connections used at once; one FSP's messages always go through the same one."""
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=60.0, gt=0)
+    """While the SMTP server is unreachable, retries back off up to this (jittered)."""
+    link_secret_env: str | None = None
+    """Environment variable holding the key that signs the acknowledge links in emails;
+    when unset, a key is generated once and kept beside the journal."""
+
+
+class WebhookConfig(Frozen):
+    timeout_s: float = Field(default=10.0, gt=0)
+    """A webhook POST not answered within this is retried."""
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=60.0, gt=0)
+    """Retries after a timeout, 429 or 5xx back off up to this (jittered)."""
+    max_connections: int = Field(default=100, ge=1)
+
+
 class Principal(Frozen):
     role: Literal["so", "fsp"]
     id: Id
@@ -132,6 +183,9 @@ class Config(Frozen):
     journal: JournalConfig = JournalConfig()
     mqtt: MqttConfig = MqttConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    websocket: WebsocketConfig = WebsocketConfig()
+    email: EmailConfig = EmailConfig()
+    webhook: WebhookConfig = WebhookConfig()
     auth: AuthConfig = AuthConfig()
 
 
@@ -166,13 +220,18 @@ def load_config(path: str | Path, *, listen: str | None = None, mqtt: str | None
     })
 
 
-def mqtt_password(config: MqttConfig) -> str | None:
-    if config.password_env is None:
+def secret_from_env(key: str, name: str | None) -> str | None:
+    """The value of environment variable ``name`` (named by config key ``key``), if named."""
+    if name is None:
         return None
-    value = os.environ.get(config.password_env)
+    value = os.environ.get(name)
     if value is None:
-        raise ConfigError(f"mqtt.password_env names {config.password_env}, which is not set")
+        raise ConfigError(f"{key} names {name}, which is not set")
     return value
+
+
+def mqtt_password(config: MqttConfig) -> str | None:
+    return secret_from_env("mqtt.password_env", config.password_env)
 
 
 def write_sample_config(book: ContractBook, out: Path, *, contracts_name: str = "contracts.json"

@@ -54,7 +54,20 @@ class Metrics:
             "flexops_sends", "Messages handed to a channel", ["channel", "attempt"],
             registry=r)
         self.send_failures = Counter(
-            "flexops_send_failures", "Hand-overs that failed (re-sent later)", ["channel"],
+            "flexops_send_failures", "Hand-overs that failed and are retried", ["channel"],
+            registry=r)
+        self.final_failures = Counter(
+            "flexops_delivery_failures",
+            "Messages a channel gave up on for good (a webhook 4xx, a refused mailbox)",
+            ["channel"], registry=r)
+        self.escalations = Counter(
+            "flexops_escalations", "Instructions not answered by their respond-by, escalated",
+            registry=r)
+        self.stream_clients = Gauge(
+            "flexops_stream_clients", "Connected websocket stream clients", ["role"],
+            registry=r)
+        self.stream_dropped = Counter(
+            "flexops_stream_dropped", "Stream clients dropped by dispatchd", ["role", "reason"],
             registry=r)
         self.dropped_sends = Counter(
             "flexops_dropped_sends",
@@ -72,13 +85,18 @@ class Metrics:
             "flexops_mqtt_reconnects", "Broker connection attempts after a failure", registry=r)
 
     def watch(self, *, states: Callable[[], Mapping[str, int]], journal_depth: Callable[[], int],
-              send_depth: Callable[[], int], unacknowledged: Callable[[], int]) -> None:
+              send_depth: Callable[[], int], email_depth: Callable[[], int],
+              webhook_depth: Callable[[], int], unacknowledged: Callable[[], int]) -> None:
         """Register the gauges read at scrape time from the running service."""
         self.registry.register(_StateCounts(states))
         for name, doc, fn in (
             ("flexops_journal_queue_depth", "Records waiting for the journal writer",
              journal_depth),
             ("flexops_mqtt_queue_depth", "Sends waiting for the broker", send_depth),
+            ("flexops_email_queue_depth", "Emails waiting for (or being handed to) the SMTP "
+             "server", email_depth),
+            ("flexops_webhook_queue_depth", "Webhooks waiting for (or being sent to) FSPs",
+             webhook_depth),
             ("flexops_unacknowledged", "Instructions whose latest revision awaits the FSP",
              unacknowledged),
         ):

@@ -11,27 +11,43 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import random
+import secrets
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
 
 from contracts.io import ContractBook
+from contracts.model import Channel
+from dispatchd.channels.email import (
+    AckLinks,
+    EmailChannel,
+    OutgoingEmail,
+    escalation_email,
+    instruction_email,
+)
 from dispatchd.channels.mqtt import MqttChannel, Outgoing
-from dispatchd.config import Config, mqtt_password, token_digest
+from dispatchd.channels.settings import check_channels
+from dispatchd.channels.stream import StreamHub
+from dispatchd.channels.webhook import OutgoingWebhook, WebhookChannel
+from dispatchd.config import Config, mqtt_password, secret_from_env, token_digest
 from dispatchd.core.engine import (
     Action,
     Decision,
     Dispatcher,
+    Escalate,
     EventRecorded,
     Existing,
     InstructionView,
+    Notify,
     Persist,
     Record,
     Refused,
@@ -39,7 +55,14 @@ from dispatchd.core.engine import (
     RevisionRecorded,
     Send,
 )
-from dispatchd.core.instruction import Ack, AmendRequest, CancelRequest, InstructionRequest
+from dispatchd.core.instruction import (
+    Ack,
+    AmendRequest,
+    CancelRequest,
+    Instruction,
+    InstructionRequest,
+    message_type,
+)
 from dispatchd.core.lifecycle import Event
 from dispatchd.core.validation import Problem
 from dispatchd.journal import Journal, JournalError, JournalSettings
@@ -77,11 +100,35 @@ class _Stopped(Exception):
     pass
 
 
+def _link_key(config: Config, environ: Mapping[str, str]) -> bytes:
+    """The key signing acknowledge links: from ``email.link_secret_env``, else a key kept in
+    a file beside the journal (created once), so links survive a restart."""
+    named = config.email.link_secret_env
+    if named is not None:
+        value = environ.get(named)
+        if value is None:
+            from dispatchd.config import ConfigError
+            raise ConfigError(f"email.link_secret_env names {named}, which is not set")
+        return value.encode()
+    path = Path(f"{config.journal.path}.link-key")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
 class Service:
     """One dispatchd. Call :meth:`run`; it returns when :meth:`stop` is called."""
 
     def __init__(self, config: Config, book: ContractBook, *, clock: Clock = utcnow,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
+        """Raises :class:`~dispatchd.config.ConfigError` when a channel setting cannot work
+        (secrets are read from ``environ``, by default the process environment)."""
+        environ = os.environ if environ is None else environ
+        webhook_keys = check_channels(book, config, environ)
         self.config = config
         self.book = book
         self.clock = clock
@@ -101,6 +148,12 @@ class Service:
         )
         self.mqtt = MqttChannel(config.mqtt, password=mqtt_password(config.mqtt),
                                 on_ack=self._mqtt_ack, metrics=self.metrics, rng=rng)
+        self.email = EmailChannel(
+            config.email, metrics=self.metrics,
+            password=secret_from_env("email.password_env", config.email.password_env))
+        self.webhook = WebhookChannel(config.webhook, keys=webhook_keys, metrics=self.metrics)
+        self.streams = StreamHub(self.metrics, send_timeout_s=config.websocket.send_timeout_s)
+        self._link_key = _link_key(config, environ)
         self._callers = {p.token_sha256: Caller(p.role, p.id) for p in config.auth.principals}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -110,6 +163,11 @@ class Service:
         self.ready = asyncio.Event()
         self.port: int | None = None
         self.replayed = 0
+
+    @property
+    def links(self) -> AckLinks:
+        """Signed acknowledge links (their base is :attr:`base_url`)."""
+        return AckLinks(self._link_key, self.base_url)
 
     @property
     def base_url(self) -> str:
@@ -143,20 +201,37 @@ class Service:
             states=lambda: {s.value: n for s, n in self.engine.state_counts().items()},
             journal_depth=lambda: self.journal.depth,
             send_depth=lambda: self.mqtt.depth,
+            email_depth=lambda: self.email.depth,
+            webhook_depth=lambda: self.webhook.depth,
             unacknowledged=self.engine.unacknowledged,
         )
         sock = socket.create_server((self.config.service.host, self.config.service.port),
                                     reuse_port=False, backlog=2048)
+        # Accepted sockets inherit both: a bounded kernel buffer per client, and a kernel
+        # that gives up on a peer that acknowledges nothing (Linux).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                        self.config.websocket.send_buffer_bytes)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            int(self.config.websocket.tcp_user_timeout_s * 1000))
         self.port = sock.getsockname()[1]
+        ws = self.config.websocket
         server = self._server = uvicorn.Server(uvicorn.Config(
             create_app(self), log_level="warning", access_log=False, lifespan="off",
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=5, ws="websockets-sansio",
+            ws_ping_interval=ws.ping_interval_s, ws_ping_timeout=ws.ping_timeout_s,
+            ws_per_message_deflate=ws.compression,
         ))
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.journal.run(), name="dispatchd.journal")
-                group.create_task(self.mqtt.run(), name="dispatchd.mqtt")
+                if self.config.mqtt.enabled:
+                    group.create_task(self.mqtt.run(), name="dispatchd.mqtt")
+                if self.config.email.enabled:
+                    group.create_task(self.email.run(), name="dispatchd.email")
+                group.create_task(self.webhook.run(), name="dispatchd.webhook")
                 group.create_task(self._serve_http(server, sock), name="dispatchd.http")
+                await asyncio.sleep(0)  # let the webhook channel start before sends
                 self._execute(actions)
         except* _Stopped:
             pass
@@ -193,6 +268,13 @@ class Service:
         self._timer = asyncio.get_running_loop().call_later(delay, self._fire_timers)
         self._timer_at = wake
 
+    def rearm(self) -> None:
+        """Re-read the clock for the next deadline (call after moving an injected clock)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._timer_at = None
+        self._arm_timer()
+
     def _fire_timers(self) -> None:
         self._timer = self._timer_at = None
         self._execute(self.engine.tick(self.clock()))
@@ -208,28 +290,95 @@ class Service:
     def _execute(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                self._send(action)
+                for channel in action.channels:
+                    self._send(action, channel)
+            elif isinstance(action, Notify):
+                self.streams.notify(action.role, action.principal)
+            elif isinstance(action, Escalate):
+                self._escalate(action)
             elif isinstance(action, Persist):
                 self._spawn(self._journal_quietly(action.record))
         self._arm_timer()
 
-    def _send(self, send: Send) -> None:
+    def _send(self, send: Send, channel: Channel) -> None:
         inst = send.instruction
-        self.metrics.sends.labels("mqtt", "first" if send.attempt == 0 else "retry").inc()
-        payload = json.dumps(send.payload(), separators=(",", ":")).encode()
-        self.mqtt.enqueue(Outgoing(
-            self.config.mqtt.instructions_topic(inst.fsp), payload,
-            partial(self._handed_over, inst.id, inst.revision, "mqtt", send)))
+        self.metrics.sends.labels(channel.value, "first" if send.attempt == 0 else "retry").inc()
+        handed_over = partial(self._handed_over, inst.id, inst.revision, channel.value,
+                              send.accepted_at)
+        if channel is Channel.MQTT:
+            payload = json.dumps(send.payload(), separators=(",", ":")).encode()
+            self.mqtt.enqueue(Outgoing(self.config.mqtt.instructions_topic(inst.fsp), payload,
+                                       handed_over))
+            return
+        wanted = partial(self._still_wanted, inst.id, inst.revision)
+        failed = partial(self._failed, inst.id, inst.revision, channel.value)
+        if channel is Channel.EMAIL:
+            self.email.enqueue(OutgoingEmail(
+                inst.fsp, instruction_email(inst, self.book, sender=self.config.email.from_address,
+                                            links=self.links),
+                wanted, handed_over, failed))
+        elif channel is Channel.WEBHOOK:
+            self.webhook.enqueue(OutgoingWebhook(
+                inst.fsp, self.book.fsps[inst.fsp].endpoints.webhook_url or "",
+                f"{inst.id}.{inst.revision}", self._webhook_body(send), wanted, handed_over,
+                failed))
 
-    def _handed_over(self, instruction_id: str, revision: int, channel: str, send: Send
-                     ) -> None:
+    @staticmethod
+    def _webhook_body(send: Send) -> bytes:
+        """A Standard Webhooks payload: ``type``, ``timestamp`` and the message as ``data``."""
+        data = send.payload()
+        del data["attempt"]
+        kind = {"instruction": "created", "amendment": "amended", "cancellation": "cancelled"}
+        return json.dumps({
+            "type": f"instruction.{kind[message_type(send.instruction.kind)]}",
+            "timestamp": send.accepted_at.isoformat(),
+            "data": data,
+        }, separators=(",", ":")).encode()
+
+    def _still_wanted(self, instruction_id: str, revision: int) -> bool:
+        return self.engine.still_wanted(instruction_id, revision, self.clock())
+
+    def _handed_over(self, instruction_id: str, revision: int, channel: str,
+                     accepted_at: dt.datetime) -> None:
         now = self.clock()
-        if send.attempt == 0:
-            self.metrics.delivered_seconds.labels(channel).observe(
-                (now - send.accepted_at).total_seconds())
         record = self.engine.delivered(instruction_id, revision, channel, now)
         if record is not None:
+            self.metrics.delivered_seconds.labels(channel).observe(
+                (now - accepted_at).total_seconds())
             self._spawn(self._journal_quietly(record))
+
+    def _failed(self, instruction_id: str, revision: int, channel: str, reason: str) -> None:
+        record = self.engine.delivery_failed(instruction_id, revision, channel, reason,
+                                             self.clock())
+        if record is not None:
+            self._spawn(self._journal_quietly(record))
+
+    def _escalate(self, action: Escalate) -> None:
+        """Tell the FSP's escalation contacts and the SO's control room; journal that."""
+        inst = action.instruction
+        self.metrics.escalations.inc()
+        fsp = self.book.fsps.get(inst.fsp)
+        so = self.book.system_operators.get(inst.so)
+        to = tuple(dict.fromkeys((*(fsp.escalation_emails if fsp else ()),
+                                  *(so.escalation_emails if so else ()))))
+        log.warning("no answer from %s to %s rev %d by %s: escalating to %s", inst.fsp, inst.id,
+                    inst.revision, inst.respond_by.isoformat(), ", ".join(to) or "nobody")
+
+        def escalated(channel: str | None, reason: str) -> None:
+            self._spawn(self._journal_quietly(EventRecorded(
+                inst.id, inst.revision, Event.ESCALATED, self.clock(), channel, reason)))
+
+        if not self.config.email.enabled or not to:
+            escalated(None, "no escalation email: " + (
+                "email is not enabled" if to else "no escalation contacts"))
+            return
+        self.email.enqueue(OutgoingEmail(
+            inst.fsp,
+            escalation_email(inst, self.book, sender=self.config.email.from_address, to=to,
+                             links=self.links),
+            lambda: True,
+            partial(escalated, "email", f"emailed {', '.join(to)}"),
+            lambda reason: escalated("email", f"escalation email refused: {reason}")))
 
     async def _journal_quietly(self, record: EventRecorded) -> None:
         """Journal and apply an event the service produced itself (no one waits for it)."""
@@ -325,6 +474,48 @@ class Service:
         async with self._serial(instruction_id):
             decision = self.engine.decide_ack(fsp, instruction_id, ack, self.clock())
             return await self._carry_out(decision)
+
+    # ------------------------------------------------------------------ streams
+
+    async def stream_ack(self, fsp: str, text: str) -> dict[str, Any]:
+        """Answer an acknowledgement sent on ``fsp``'s websocket stream."""
+        try:
+            ack = Ack.model_validate_json(text)
+            if ack.id is None:
+                raise Refusal(422, (Problem("id", "an acknowledgement on a stream needs the id"),))
+            view, created = await self.acknowledge(fsp, ack.id, ack)
+        except ValidationError as exc:
+            self.metrics.invalid_acks.labels("websocket", "422").inc()
+            return {"reply": "ack", "status": 422, "error": "invalid request", "problems": [
+                Problem(".".join(map(str, e["loc"])) or "body", e["msg"]).as_json()
+                for e in exc.errors(include_url=False)]}
+        except Refusal as refusal:
+            self.metrics.invalid_acks.labels("websocket", str(refusal.status)).inc()
+            return {"reply": "ack", "status": refusal.status, "id": ack.id,
+                    "revision": ack.revision, "problems": [p.as_json() for p in refusal.problems]}
+        return {"reply": "ack", "status": 200, "id": view.id, "revision": ack.revision,
+                "created": created, "state": view.revisions[ack.revision].state.value}
+
+    def stream_sent(self, body: dict[str, Any]) -> None:
+        """A feed event went out on an FSP's stream: a revision's websocket hand-over."""
+        message = body.get("message")
+        if message is not None:
+            self._handed_over(body["id"], body["revision"], Channel.WEBSOCKET.value,
+                              dt.datetime.fromisoformat(message["accepted_at"]))
+
+    async def respond_by_link(self, fsp: str, instruction_id: str, revision: int,
+                              response: str, reason: str | None) -> tuple[InstructionView, bool]:
+        """An answer given on the page an email's acknowledge link opens."""
+        ack = Ack.model_validate({"id": instruction_id, "revision": revision,
+                                  "response": response, "reason": reason or None})
+        return await self.acknowledge(fsp, instruction_id, ack)
+
+    def instruction_for_link(self, fsp: str, instruction_id: str, revision: int
+                             ) -> Instruction | None:
+        view = self.engine.visible(instruction_id, "fsp", fsp)
+        if view is None or revision >= len(view.revisions):
+            return None
+        return view.revisions[revision].instruction
 
     # ------------------------------------------------------------------ MQTT acks
 

@@ -11,9 +11,19 @@ The calling contract, which the service (``dispatchd/service.py``) follows:
    Calls for one instruction id must not interleave between decide and apply.
 3. Call :meth:`Dispatcher.tick` whenever :meth:`Dispatcher.next_wakeup` has passed; it
    returns re-sends and deadline records (expiry, start, end) as actions.
-4. Report channel deliveries with :meth:`Dispatcher.delivered`; journal what it returns.
+4. Report channel deliveries with :meth:`Dispatcher.delivered` and final channel failures
+   with :meth:`Dispatcher.delivery_failed`; journal what they return.
 5. On start-up, :meth:`Dispatcher.apply` every journaled record in order with
    ``replay=True`` (no actions), then call :meth:`Dispatcher.recover` once.
+
+Which channel gets what: the first send of a revision goes to every push channel of the FSP
+(MQTT, email, webhook). Only MQTT is re-sent on the re-send timer, because a broker's PUBACK
+says nothing about the FSP; email and webhook adapters retry a hand-over until it succeeds
+(asking :meth:`Dispatcher.still_wanted` between attempts), and the journal's ``delivered``
+records tell :meth:`Dispatcher.recover` which of them to send again after a restart.
+Websocket clients read the per-FSP *feed* instead (:meth:`Dispatcher.feed_event`): every
+applied record appends to the feeds of the FSP and SO concerned, numbered from 1 per
+principal, rebuilt identically on replay, so a client resumes from the last number it saw.
 
 Time is always passed in (``now``); randomness comes from the ``rng`` given at creation.
 """
@@ -31,6 +41,7 @@ from enum import StrEnum
 from typing import Any
 
 from contracts.io import ContractBook
+from contracts.model import Channel
 
 from .instruction import (
     Ack,
@@ -116,13 +127,20 @@ class Existing:
 Decision = Refused | Existing | Record
 
 
+PUSH_CHANNELS = (Channel.MQTT, Channel.EMAIL, Channel.WEBHOOK)
+"""Channels that dispatchd sends to; websocket clients read the feed instead."""
+RESENT_CHANNELS = (Channel.MQTT,)
+"""Channels re-sent on the re-send timer until the FSP acknowledges."""
+
+
 @dataclass(frozen=True)
 class Send:
-    """Action: deliver this revision to the FSP (every channel), attempt ``attempt``."""
+    """Action: deliver this revision on ``channels``; ``attempt`` counts sends of it."""
 
     instruction: Instruction
     attempt: int
     accepted_at: dt.datetime
+    channels: tuple[Channel, ...] = (Channel.MQTT,)
 
     def payload(self) -> dict[str, Any]:
         """The message body FSPs receive; receivers de-duplicate on (id, revision)."""
@@ -140,7 +158,53 @@ class Persist:
     record: EventRecorded
 
 
-Action = Send | Persist
+@dataclass(frozen=True)
+class Notify:
+    """Action: the feed of ``principal`` (an ``so`` or ``fsp`` by ``role``) has grown."""
+
+    role: str
+    principal: str
+
+
+@dataclass(frozen=True)
+class Escalate:
+    """Action: nobody answered ``instruction`` by its respond-by; tell people, then journal
+    an ``escalated`` event (:meth:`Dispatcher.recover` repeats this until one is)."""
+
+    instruction: Instruction
+    expired_at: dt.datetime
+
+
+Action = Send | Persist | Notify | Escalate
+
+
+class FeedKind(StrEnum):
+    """What a feed entry says. FSPs see the first four and ``acknowledged``; SOs the rest."""
+
+    INSTRUCTION = "instruction"
+    AMENDMENT = "amendment"
+    CANCELLATION = "cancellation"
+    EXPIRED = "expired"
+    ACCEPTED = "accepted"
+    DELIVERED = "delivered"
+    ACKNOWLEDGED = "acknowledged"
+    REJECTED = "rejected"
+    ESCALATED = "escalated"
+    DELIVERY_FAILED = "delivery_failed"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+
+
+@dataclass(frozen=True)
+class FeedEntry:
+    """One event of a principal's feed; its number is its position (from 1)."""
+
+    kind: FeedKind
+    id: str
+    revision: int
+    at: dt.datetime
+    channel: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +223,8 @@ class RevisionView:
     delivered: tuple[tuple[str, dt.datetime], ...]
     ack: AckView | None
     attempts: int
+    failed: tuple[tuple[str, str], ...] = ()
+    escalated: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,6 +258,8 @@ class InstructionView:
                     "accepted_at": r.accepted_at.isoformat(),
                     "delivered": {ch: at.isoformat() for ch, at in r.delivered},
                     "send_attempts": r.attempts,
+                    "delivery_failed": dict(r.failed),
+                    "escalated": r.escalated,
                     "ack": None
                     if r.ack is None
                     else {
@@ -206,6 +274,8 @@ class InstructionView:
         }
 
 
+_MESSAGE_KINDS = frozenset({FeedKind.INSTRUCTION, FeedKind.AMENDMENT, FeedKind.CANCELLATION})
+
 # ---------------------------------------------------------------------------- state
 
 
@@ -218,6 +288,8 @@ class _Revision:
     delivered: dict[str, dt.datetime] = field(default_factory=dict)
     ack: AckView | None = None
     attempts: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    escalated: bool = False
 
 
 @dataclass
@@ -261,6 +333,7 @@ class Dispatcher:
         self._counter = itertools.count()
         self._changes: dict[tuple[str, str], list[tuple[int, str]]] = {}
         self._pending_delivered: set[tuple[str, int, str]] = set()
+        self._feeds: dict[tuple[str, str], list[FeedEntry]] = {}
 
     # ------------------------------------------------------------------ decisions
 
@@ -401,6 +474,24 @@ class Dispatcher:
         self._pending_delivered.add(key)
         return EventRecorded(instruction_id, revision, Event.DELIVERED, now, channel=channel)
 
+    def delivery_failed(
+        self, instruction_id: str, revision: int, channel: str, reason: str, now: dt.datetime
+    ) -> EventRecorded | None:
+        """A channel gave up on revision for good; returns the record to journal, if news."""
+        tracked = self._tracked.get(instruction_id)
+        if tracked is None or revision >= len(tracked.revisions):
+            return None
+        if channel in tracked.revisions[revision].failed:
+            return None
+        return EventRecorded(instruction_id, revision, Event.DELIVERY_FAILED, now,
+                             channel=channel, reason=reason)
+
+    def still_wanted(self, instruction_id: str, revision: int, now: dt.datetime) -> bool:
+        """Whether a hand-over of this revision is still worth retrying: it is the latest,
+        unacknowledged, still open, and its instruction has not ended."""
+        tracked = self._tracked.get(instruction_id)
+        return tracked is not None and self._wants_delivery(tracked, revision, now)
+
     # ------------------------------------------------------------------ applying records
 
     def apply(self, record: Record, seq: int, now: dt.datetime, *, replay: bool = False
@@ -432,11 +523,16 @@ class Dispatcher:
             record.at if replay else now,
         ))
         self._note_change(tracked, seq)
+        at = record.at if replay else now
+        notes = [self._feed("fsp", inst.fsp, FeedEntry(FeedKind(message_type(inst.kind)),
+                                                         inst.id, inst.revision, at)),
+                 self._feed("so", inst.so, FeedEntry(FeedKind.ACCEPTED, inst.id,
+                                                       inst.revision, at))]
         if replay:
             return []
         if inst.kind is not Kind.CANCEL:
             self._schedule(inst.respond_by, _Timer.RESPOND_BY, inst.id, inst.revision)
-        return self._send(tracked.latest, now)
+        return [*notes, *self._send(tracked.latest, now, self._push_channels(inst.fsp))]
 
     def _apply_event(self, record: EventRecorded, seq: int, now: dt.datetime, replay: bool
                      ) -> list[Action]:
@@ -453,16 +549,89 @@ class Dispatcher:
             return []  # overtaken by another change; the record stays in the journal, harmless
         before = rev.state
         rev.state = transition(rev.state, record.event)
-        if record.event in (Event.FSP_ACCEPTED, Event.FSP_REJECTED):
+        acked = record.event in (Event.FSP_ACCEPTED, Event.FSP_REJECTED) and rev.ack is None
+        if acked:
             rev.ack = AckView(
                 Response.ACCEPTED if record.event is Event.FSP_ACCEPTED else Response.REJECTED,
                 record.reason, record.at, late=before is State.EXPIRED,
             )
+        if record.event is Event.DELIVERY_FAILED and record.channel is not None:
+            news = record.channel not in rev.failed
+            rev.failed.setdefault(record.channel, record.reason or "")
+        if record.event is Event.ESCALATED:
+            news = not rev.escalated
+            rev.escalated = True
         if news or rev.state is not before:
             self._note_change(tracked, seq)
-        if not replay and rev.state is State.ACKNOWLEDGED_ACCEPTED:
+        notes = self._feed_event(rev.instruction, record, news=news, acked=acked,
+                                 moved=rev.state is not before)
+        if replay:
+            return []
+        actions: list[Action] = list(notes)
+        if rev.state is State.ACKNOWLEDGED_ACCEPTED:
             self._schedule_run(rev.instruction)
-        return []
+        if rev.state is State.EXPIRED and before is not State.EXPIRED:
+            actions.append(Escalate(rev.instruction, record.at))
+        return actions
+
+    # ------------------------------------------------------------------ feeds
+
+    def _feed(self, role: str, principal: str, entry: FeedEntry) -> Notify:
+        self._feeds.setdefault((role, principal), []).append(entry)
+        return Notify(role, principal)
+
+    def _feed_event(self, inst: Instruction, record: EventRecorded, *, news: bool,
+                    acked: bool, moved: bool) -> list[Notify]:
+        """Append what ``record`` means to each side's feed; returns the feeds that grew."""
+        def entry(kind: FeedKind) -> FeedEntry:
+            return FeedEntry(kind, inst.id, inst.revision, record.at, record.channel,
+                             record.reason)
+
+        event = record.event
+        notes: list[Notify] = []
+        if acked:
+            response = FeedKind.ACKNOWLEDGED if event is Event.FSP_ACCEPTED else FeedKind.REJECTED
+            notes.append(self._feed("so", inst.so, entry(response)))
+            notes.append(self._feed("fsp", inst.fsp, entry(response)))
+        elif event is Event.RESPONSE_DEADLINE and moved:
+            notes.append(self._feed("so", inst.so, entry(FeedKind.EXPIRED)))
+            notes.append(self._feed("fsp", inst.fsp, entry(FeedKind.EXPIRED)))
+        elif moved and event in (Event.STARTED, Event.ENDED):
+            kind = FeedKind.ACTIVE if event is Event.STARTED else FeedKind.COMPLETED
+            notes.append(self._feed("so", inst.so, entry(kind)))
+        elif news and event in (Event.DELIVERED, Event.DELIVERY_FAILED, Event.ESCALATED):
+            notes.append(self._feed("so", inst.so, entry(FeedKind(event.value))))
+        return notes
+
+    def feed_length(self, role: str, principal: str) -> int:
+        """The number of the newest event in the feed of ``principal`` (0 when empty)."""
+        return len(self._feeds.get((role, principal), ()))
+
+    def feed_event(self, role: str, principal: str, number: int) -> dict[str, Any]:
+        """Event ``number`` (1-based) of the feed as the JSON that stream clients receive.
+
+        FSP events about a revision carry the full message (as on MQTT); SO events carry the
+        revision's current state, and the channel and reason where there is one.
+        """
+        entry = self._feeds[role, principal][number - 1]
+        rev = self._tracked[entry.id].revisions[entry.revision]
+        body: dict[str, Any] = {
+            "seq": number, "event": entry.kind.value, "id": entry.id,
+            "revision": entry.revision, "at": entry.at.isoformat(),
+        }
+        if role == "fsp" and entry.kind in _MESSAGE_KINDS:
+            body["message"] = Send(rev.instruction, 0, rev.accepted_at).payload()
+            del body["message"]["attempt"]
+        if role == "so":
+            body["fsp"] = rev.instruction.fsp
+            body["state"] = rev.state.value
+        if entry.kind is FeedKind.EXPIRED:
+            body["respond_by"] = rev.instruction.respond_by.isoformat()
+        if entry.channel is not None:
+            body["channel"] = entry.channel
+        if entry.reason is not None:
+            body["reason"] = entry.reason
+        return body
 
     # ------------------------------------------------------------------ time
 
@@ -473,13 +642,24 @@ class Dispatcher:
         self._schedule(inst.start, _Timer.START, inst.id, inst.revision)
         self._schedule(inst.end, _Timer.END, inst.id, inst.revision)
 
-    def _send(self, rev: _Revision, now: dt.datetime) -> list[Action]:
+    def _push_channels(self, fsp: str) -> tuple[Channel, ...]:
+        """The FSP's configured push channels (MQTT for an FSP no longer in the book)."""
+        found = self.book.fsps.get(fsp)
+        configured = found.endpoints.channels if found is not None else (Channel.MQTT,)
+        return tuple(c for c in PUSH_CHANNELS if c in configured)
+
+    def _send(self, rev: _Revision, now: dt.datetime, channels: tuple[Channel, ...]
+              ) -> list[Action]:
+        """Send ``rev`` on ``channels``; arms the re-send timer when MQTT is among them."""
+        if not channels:
+            return []
         inst = rev.instruction
         attempt = rev.attempts
         rev.attempts += 1
-        self._schedule(now + self.retry.delay(attempt, self.rng), _Timer.RESEND, inst.id,
-                       inst.revision)
-        return [Send(inst, attempt, rev.accepted_at)]
+        if any(c in RESENT_CHANNELS for c in channels):
+            self._schedule(now + self.retry.delay(attempt, self.rng), _Timer.RESEND, inst.id,
+                           inst.revision)
+        return [Send(inst, attempt, rev.accepted_at, channels)]
 
     def _wants_delivery(self, tracked: _Tracked, revision: int, now: dt.datetime) -> bool:
         rev = tracked.latest
@@ -505,7 +685,9 @@ class Dispatcher:
             rev = tracked.latest
             if timer is _Timer.RESEND:
                 if self._wants_delivery(tracked, revision, now):
-                    actions += self._send(rev, now)
+                    resent = tuple(c for c in self._push_channels(rev.instruction.fsp)
+                                   if c in RESENT_CHANNELS)
+                    actions += self._send(rev, now, resent)
                 continue
             event = {
                 _Timer.RESPOND_BY: Event.RESPONSE_DEADLINE,
@@ -523,7 +705,13 @@ class Dispatcher:
             rev = tracked.latest
             inst = rev.instruction
             if self._wants_delivery(tracked, inst.revision, now):
-                actions += self._send(rev, now)
+                channels = tuple(
+                    c for c in self._push_channels(inst.fsp)
+                    if c in RESENT_CHANNELS or (c not in rev.delivered and c not in rev.failed)
+                )
+                actions += self._send(rev, now, channels)
+            if rev.state is State.EXPIRED and not rev.escalated:
+                actions.append(Escalate(inst, inst.respond_by))
             if rev.state in (State.ACCEPTED, State.DELIVERED):
                 self._schedule(inst.respond_by, _Timer.RESPOND_BY, inst.id, inst.revision)
             if rev.state in (State.ACKNOWLEDGED_ACCEPTED, State.ACTIVE):
@@ -545,7 +733,8 @@ class Dispatcher:
             cursor=tracked.seq,
             revisions=tuple(
                 RevisionView(r.instruction, r.state, r.accepted_at,
-                             tuple(r.delivered.items()), r.ack, r.attempts)
+                             tuple(r.delivered.items()), r.ack, r.attempts,
+                             tuple(r.failed.items()), r.escalated)
                 for r in tracked.revisions
             ),
         )

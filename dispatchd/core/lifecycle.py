@@ -12,6 +12,10 @@ what state follows another: it asks :func:`transition`.
     accepted|delivered ─fsp_rejected─▶ acknowledged_rejected
     accepted|delivered ─response_deadline─▶ expired   (a late answer is still recorded)
     any open revision ─superseded─▶ superseded        (an amend or cancel was journaled)
+
+Two events record what happened around a revision without changing its state:
+``escalated`` (the expiry was escalated to people) and ``delivery_failed`` (a channel gave
+up for good, e.g. a webhook answered 4xx).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class Event(StrEnum):
     STARTED = "started"
     ENDED = "ended"
     SUPERSEDED = "superseded"
+    ESCALATED = "escalated"
+    DELIVERY_FAILED = "delivery_failed"
 
 
 class InvalidTransition(Exception):
@@ -77,6 +83,9 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
         for s in (S.ACKNOWLEDGED_ACCEPTED, S.ACKNOWLEDGED_REJECTED, S.ACTIVE, S.COMPLETED,
                   S.EXPIRED, S.SUPERSEDED)
     },
+    # Records of what happened around a revision; the state stays as it is.
+    **{(s, e): s for s in State if s is not S.RECEIVED
+       for e in (E.ESCALATED, E.DELIVERY_FAILED)},
 }
 
 SENDABLE = frozenset({S.ACCEPTED, S.DELIVERED, S.EXPIRED, S.CANCELLED})
