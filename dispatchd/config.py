@@ -42,6 +42,9 @@ class ServiceConfig(Frozen):
     contracts: Path = Path("contracts.json")
     """The canonical contracts file (relative paths are relative to the config file)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    gc_sweep_s: float = Field(default=3600.0, gt=0)
+    """Objects surviving a full garbage collection are frozen, so collections stay short;
+    this often everything is unfrozen and collected once (see dispatchd/gcpolicy.py)."""
 
     @field_validator("listen")
     @classmethod
@@ -148,7 +151,7 @@ class EmailConfig(Frozen):
     """Environment variable holding the SMTP password."""
     from_address: str = "flexops dispatch <dispatch@localhost>"
     timeout_s: float = Field(default=10.0, gt=0)
-    workers: int = Field(default=2, ge=1, le=64)
+    workers: int = Field(default=4, ge=1, le=64)
     """SMTP connections used at once; one FSP's messages always go through the same one."""
     retry_initial_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=60.0, gt=0)

@@ -143,7 +143,7 @@ class DispatchdProcess(_Child):
 
     stop_timeout = 10.0
 
-    def __init__(self, config: Path, *, mqtt_url: str, port: int | None = None,
+    def __init__(self, config: Path, *, mqtt_url: str | None = None, port: int | None = None,
                  log: Path | None = None) -> None:
         self.config = config
         self.mqtt_url = mqtt_url
@@ -160,7 +160,8 @@ class DispatchdProcess(_Child):
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dispatchd.cli", "serve", "--config", str(self.config),
-                 "--listen", f"127.0.0.1:{self.port}", "--mqtt", self.mqtt_url],
+                 "--listen", f"127.0.0.1:{self.port}",
+                 *(["--mqtt", self.mqtt_url] if self.mqtt_url else [])],
                 stdout=log, stderr=log, start_new_session=True,
             )
         self._wait_ready(self._healthy, "dispatchd", self.log_path, timeout)

@@ -65,6 +65,7 @@ from dispatchd.core.instruction import (
 )
 from dispatchd.core.lifecycle import Event
 from dispatchd.core.validation import Problem
+from dispatchd.gcpolicy import GcPolicy
 from dispatchd.journal import Journal, JournalError, JournalSettings
 from dispatchd.metrics import Metrics
 
@@ -222,8 +223,23 @@ class Service:
             ws_ping_interval=ws.ping_interval_s, ws_ping_timeout=ws.ping_timeout_s,
             ws_per_message_deflate=ws.compression,
         ))
+        gc_policy = GcPolicy(sweep_s=self.config.service.gc_sweep_s)
+        try:
+            with gc_policy:
+                await self._run_tasks(server, sock, actions, gc_policy)
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            for task in list(self._background):
+                task.cancel()
+            self.journal.close()
+            sock.close()
+
+    async def _run_tasks(self, server: uvicorn.Server, sock: socket.socket,
+                         actions: list[Action], gc_policy: GcPolicy) -> None:
         try:
             async with asyncio.TaskGroup() as group:
+                group.create_task(gc_policy.sweeps(), name="dispatchd.gc")
                 group.create_task(self.journal.run(), name="dispatchd.journal")
                 if self.config.mqtt.enabled:
                     group.create_task(self.mqtt.run(), name="dispatchd.mqtt")
@@ -235,13 +251,6 @@ class Service:
                 self._execute(actions)
         except* _Stopped:
             pass
-        finally:
-            if self._timer is not None:
-                self._timer.cancel()
-            for task in list(self._background):
-                task.cancel()
-            self.journal.close()
-            sock.close()
 
     async def _serve_http(self, server: uvicorn.Server, sock: socket.socket) -> None:
         serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -314,8 +323,8 @@ class Service:
         failed = partial(self._failed, inst.id, inst.revision, channel.value)
         if channel is Channel.EMAIL:
             self.email.enqueue(OutgoingEmail(
-                inst.fsp, instruction_email(inst, self.book, sender=self.config.email.from_address,
-                                            links=self.links),
+                inst.fsp, partial(instruction_email, inst, self.book,
+                                  sender=self.config.email.from_address, links=self.links),
                 wanted, handed_over, failed))
         elif channel is Channel.WEBHOOK:
             self.webhook.enqueue(OutgoingWebhook(
@@ -374,8 +383,8 @@ class Service:
             return
         self.email.enqueue(OutgoingEmail(
             inst.fsp,
-            escalation_email(inst, self.book, sender=self.config.email.from_address, to=to,
-                             links=self.links),
+            partial(escalation_email, inst, self.book, sender=self.config.email.from_address,
+                    to=to, links=self.links),
             lambda: True,
             partial(escalated, "email", f"emailed {', '.join(to)}"),
             lambda reason: escalated("email", f"escalation email refused: {reason}")))

@@ -206,11 +206,12 @@ def escalation_email(inst: Instruction, book: ContractBook, *, sender: str,
 @dataclass(frozen=True)
 class OutgoingEmail:
     """A message to hand over. ``key`` picks the worker (the FSP: keeps its order);
+    ``compose`` builds the message when the worker takes it (not on the caller's path);
     ``wanted`` is asked before every attempt; exactly one of ``on_sent`` or ``on_failed``
     is called unless ``wanted`` turns false first."""
 
     key: str
-    message: EmailMessage
+    compose: Callable[[], EmailMessage]
     wanted: Callable[[], bool]
     on_sent: Callable[[], None]
     on_failed: Callable[[str], None]
@@ -278,6 +279,9 @@ class EmailChannel:
 
     async def _deliver(self, client: aiosmtplib.SMTP, out: OutgoingEmail) -> aiosmtplib.SMTP:
         """Hand ``out`` over, retrying while it is wanted; returns the client to keep."""
+        if not out.wanted():
+            return client
+        message = out.compose()
         retrying = AsyncRetrying(
             retry=retry_if_exception(lambda e: isinstance(e, _Transient)),
             wait=wait_random_exponential(multiplier=self.config.retry_initial_s,
@@ -293,7 +297,7 @@ class EmailChannel:
                 try:
                     if not client.is_connected:
                         await client.connect()
-                    await client.send_message(out.message)
+                    await client.send_message(message)
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                     reason = _permanent(exc)
                     if reason is not None:
@@ -302,7 +306,7 @@ class EmailChannel:
                         return client
                     log.warning("SMTP %s:%d: %s; retrying %s", self.config.host,
                                 self.config.port, exc or type(exc).__name__,
-                                out.message["Message-ID"])
+                                message["Message-ID"])
                     client.close()
                     client = self._client()
                     raise _Transient(str(exc)) from exc
