@@ -202,12 +202,29 @@ class Contract(Frozen):
     def window_containing(
         self, start: dt.datetime, end: dt.datetime
     ) -> tuple[dt.datetime, dt.datetime] | None:
-        """The service-window occurrence that contains [start, end), if any."""
+        """The service window that contains [start, end), if any.
+
+        Occurrences that touch or overlap (a whole-day window on consecutive days, say)
+        count as one, so an instruction may run across midnight through them.
+        """
         live = (self.start_date, self.end_date)
-        for window in self.windows:
-            for w_start, w_end in window.occurrences(start, self.zoneinfo, live):
-                if w_start <= start and end <= w_end:
-                    return w_start, w_end
+        days = (end.astimezone(self.zoneinfo).date() - start.astimezone(self.zoneinfo).date()).days
+        found = sorted({
+            occurrence
+            for n in range(days + 1)
+            for window in self.windows
+            for occurrence in window.occurrences(start + dt.timedelta(days=n), self.zoneinfo,
+                                                 live)
+        })
+        for i, (w_start, w_end) in enumerate(found):
+            if not w_start <= start < w_end:
+                continue
+            for n_start, n_end in found[i + 1:]:
+                if n_start > w_end:
+                    break
+                w_end = max(w_end, n_end)
+            if end <= w_end:
+                return w_start, w_end
         return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -114,6 +115,24 @@ def test_overnight_window_runs_into_the_next_day() -> None:
     monday = dt.datetime(2026, 3, 2, 23, 0, tzinfo=dt.UTC)
     assert contract.window_containing(monday, monday + dt.timedelta(hours=6)) is not None
     assert contract.window_containing(monday, monday + dt.timedelta(hours=8)) is None
+
+
+def test_touching_windows_join_so_an_instruction_may_cross_midnight() -> None:
+    """Whole-day windows on Monday and Tuesday contain 23:00–01:00; Monday alone does not."""
+    book = small_book()
+    base = next(iter(book.contracts.values()))
+    both = base.model_copy(update={"windows": (_window("00:00", "00:00", ("mon", "tue")),)})
+    monday_only = base.model_copy(update={"windows": (_window("00:00", "00:00"),)})
+    late = dt.datetime(2026, 3, 2, 23, 0, tzinfo=dt.UTC)
+    two_hours = dt.timedelta(hours=2)
+    assert both.window_containing(late, late + two_hours) == (
+        dt.datetime(2026, 3, 2, 0, 0, tzinfo=ZoneInfo("Europe/London")),
+        dt.datetime(2026, 3, 4, 0, 0, tzinfo=ZoneInfo("Europe/London")))
+    assert monday_only.window_containing(late, late + two_hours) is None
+    gap = base.model_copy(update={"windows": (_window("16:00", "20:00", ("mon",)),
+                                              _window("20:30", "22:00", ("mon",)))})
+    evening = dt.datetime(2026, 3, 2, 19, 0, tzinfo=dt.UTC)
+    assert gap.window_containing(evening, evening + two_hours) is None
 
 
 def test_windows_are_local_time_across_the_clock_change() -> None:
