@@ -360,6 +360,10 @@ def create_app(service: Service) -> Any:
             "mqtt_connected": service.mqtt.connected.is_set(),
             "instructions": len(service.engine),
             "journal_queue": service.journal.depth,
+            "stream_clients": {"fsp": service.streams.connected("fsp"),
+                               "so": service.streams.connected("so")},
+            "email_queue": service.email.depth,
+            "webhook_queue": service.webhook.depth,
         }
 
     @app.get("/metrics", include_in_schema=False)

@@ -45,7 +45,7 @@ def test_example_config_is_the_defaults(tmp_path: Path) -> None:
     """The example file loads, and every value in it is the default."""
     config = load_config(ROOT / "deploy/dispatchd.example.toml")
     defaults = Config()
-    for section in ("journal", "mqtt", "delivery"):
+    for section in ("journal", "mqtt", "delivery", "websocket", "email", "webhook"):
         got = getattr(config, section).model_dump(exclude={"path"})
         assert got == getattr(defaults, section).model_dump(exclude={"path"}), section
     assert config.service.listen == defaults.service.listen
@@ -68,7 +68,7 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
     assert "exec ./dev test" in (ROOT / ".ci/run").read_text()
 
 
-@pytest.mark.parametrize("command", ["serve", "send", "tail", "demo"])
+@pytest.mark.parametrize("command", ["serve", "send", "tail", "demo", "webhook-secret"])
 def test_dispatchd_help_describes_each_command(command: str) -> None:
     """``dispatchd COMMAND --help`` exits 0 and lists its options."""
     result = subprocess.run([sys.executable, "-m", "dispatchd.cli", command, "--help"],
@@ -115,6 +115,24 @@ def test_dispatch_benchmark_runs() -> None:
                             capture_output=True, text=True, check=False, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "p99 ratio" in result.stdout and "group commit" in result.stdout
+
+
+@pytest.mark.service
+def test_channel_benchmark_runs() -> None:
+    """The channel benchmark runs at smoke size and prints its figures and ratios."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench/bench_channels.py"), "--quick"],
+                            capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "ratio p99 flexops / bare" in result.stdout
+    assert "memory per idle connection" in result.stdout and "messages/s" in result.stdout
+
+
+def test_webhook_secret_prints_a_usable_secret() -> None:
+    from dispatchd.webhooks import secret_key
+
+    result = subprocess.run([sys.executable, "-m", "dispatchd.cli", "webhook-secret"],
+                            capture_output=True, text=True, check=True)
+    assert len(secret_key(result.stdout.strip())) == 32
 
 
 def test_baseline_docs_name_every_preset_method_and_output_column() -> None:
