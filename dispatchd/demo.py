@@ -1,31 +1,54 @@
 """The demo: the whole dispatch stack on a sample market, in about half a minute.
 
-It starts a private Mosquitto on a free loopback port, ``dispatchd serve`` on a freshly
-generated sample market, one simulated control centre per FSP (most acknowledge at once,
-some slowly, some reject now and then, one never answers), and an SO control room that
-issues a paced burst, an amendment, a cancellation, an idempotent repeat and an invalid
-instruction. It then prints what happened and stops everything it started.
+It starts a private Mosquitto and an SMTP sink on free loopback ports, ``dispatchd serve``
+on a freshly generated sample market, one simulated control centre per FSP (most on MQTT,
+some on the websocket stream, some taking signed webhooks, a few also by email; most
+acknowledge at once, some slowly, some reject now and then, one never answers), SO
+control rooms watching their streams, and a control room that issues a paced burst, an
+amendment, a cancellation, an idempotent repeat and an invalid instruction. It then prints
+what happened and stops everything it started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
+import email
+import email.policy
+import json
 import random
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import websockets.asyncio.client
+import websockets.exceptions
+from aiosmtpd.controller import Controller
 
 from contracts.io import ContractBook, dump_contracts
+from contracts.model import Channel, Endpoints
 from contracts.sample import build_sample
 from dispatchd.config import write_sample_config
-from dispatchd.localstack import DispatchdProcess, LocalMosquitto
-from dispatchd.simulate import FspBehaviour, FspSimulator, paced, percentile, wait_for
+from dispatchd.localstack import DispatchdProcess, LocalMosquitto, free_port
+from dispatchd.simulate import (
+    ControlCentre,
+    FspBehaviour,
+    FspSimulator,
+    StreamFspSimulator,
+    WebhookFspSimulator,
+    paced,
+    percentile,
+    wait_for,
+)
+from dispatchd.webhooks import new_secret
 
 RESPOND_WITHIN = dt.timedelta(seconds=8)
 
@@ -148,58 +171,177 @@ async def _summarise(url: str, tokens: dict[str, str]) -> Counter[str]:
     return states
 
 
-async def _run(out: Path, instructions: int, rate: float) -> int:
-    book = build_sample()
-    dump_contracts(book, out / "contracts.json")
-    tokens = write_sample_config(book, out)
-    _say(f"sample market: {len(book.system_operators)} SOs, {len(book.fsps)} FSPs, "
-         f"{len(book.assets)} assets, {len(book.contracts)} contracts → {out}/")
-    with LocalMosquitto(directory=out / "mosquitto") as broker:
-        _say(f"mosquitto: {broker.url} (private, loopback only)")
-        service = DispatchdProcess(out / "config.toml", mqtt_url=broker.url).start()
-        _say(f"dispatchd: {service.url} (journal {out}/journal.sqlite3, log {service.log_path})")
-        try:
-            return await _exercise(book, tokens, broker, service, instructions, rate)
-        finally:
-            service.stop()
+class _Mailbox:
+    """The demo's SMTP sink (aiosmtpd): counts what dispatchd hands over, by kind."""
+
+    def __init__(self) -> None:
+        self.kinds: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message = email.message_from_bytes(envelope.original_content,
+                                           policy=email.policy.default)
+        with self._lock:
+            self.kinds[str(message["X-Flexops-Kind"])] += 1
+        return "250 OK"
 
 
-async def _exercise(book: ContractBook, tokens: dict[str, dict[str, str]],
-                    broker: LocalMosquitto, service: DispatchdProcess, instructions: int,
-                    rate: float) -> int:
-    behaviours = _behaviours(book)
-    sims = {f: FspSimulator(f, "127.0.0.1", broker.port, b) for f, b in behaviours.items()}
-    readies = {f: asyncio.Event() for f in sims}
-    tasks = [asyncio.create_task(sims[f].run(readies[f])) for f in sims]
+@contextlib.contextmanager
+def _smtp_sink() -> Any:
+    mailbox = _Mailbox()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=free_port())
+    controller.start()
     try:
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in readies.values())), 15)
-        never = [f for f, b in behaviours.items() if b.ack_delay_s is None]
-        _say(f"{len(sims)} FSP control centres subscribed "
-             f"({sum(1 for b in behaviours.values() if b.ack_delay_s == 2.5)} slow, "
-             f"{sum(1 for b in behaviours.values() if b.reject_every)} reject some, "
-             f"{', '.join(never)} never answers)")
-        _say(f"control room: issuing {instructions} instructions at {rate:g}/s …")
-        seen = await _control_room(service.url, tokens["so"], book, instructions, rate)
-        _say(f"  {len(seen['accepted'])} accepted (202) in {seen['burst_s']:.1f}s, "
-             f"{len(seen['refused'])} refused")
-        _say(f"  repeat of demo-00000 with other content → {seen['repeat']} (conflict)")
-        _say(f"  amend {seen['amend'][0]} → {seen['amend'][1]}, revision {seen['amend'][2]}")
-        _say(f"  cancel {seen['cancel'][0]} → {seen['cancel'][1]}, revision {seen['cancel'][2]}")
-        status, body = seen["invalid"]
-        _say(f"  invalid instruction → {status} {body['error']}:")
-        for problem in body["problems"]:
-            _say(f"      {problem['field']}: {problem['reason']}")
-        expected = len(seen["accepted"]) + 2  # plus the amendment and the cancellation
-        _say(f"waiting for delivery and answers (respond-by is {RESPOND_WITHIN.seconds}s) …")
-        await wait_for(lambda: sum(len(s.received) for s in sims.values()) >= expected, 20)
-        await asyncio.sleep(RESPOND_WITHIN.seconds + 3)
-        states = await _summarise(service.url, tokens["so"])
+        yield mailbox, controller.port
+    finally:
+        controller.stop()
+
+
+def _channels(book: ContractBook) -> dict[str, tuple[Channel, ...]]:
+    """Which channels each FSP of the demo uses: most MQTT, five the websocket stream,
+    three webhooks, and three (the one that never answers among them) MQTT and email."""
+    fsps = sorted(book.fsps)
+    out = {}
+    for index, fsp in enumerate(fsps):
+        if index < 5:
+            out[fsp] = (Channel.WEBSOCKET,)
+        elif index < 8:
+            out[fsp] = (Channel.WEBHOOK,)
+        elif index < 10 or fsp == fsps[-1]:
+            out[fsp] = (Channel.MQTT, Channel.EMAIL)
+        else:
+            out[fsp] = (Channel.MQTT,)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _so_watchers(url: str, tokens: dict[str, str]) -> AsyncIterator[Counter[str]]:
+    """Each SO's control room on its stream; yields the count of events seen, by kind."""
+    seen: Counter[str] = Counter()
+    stream = url.replace("http://", "ws://")
+
+    async def watch(token: str) -> None:
+        with contextlib.suppress(websockets.exceptions.WebSocketException):
+            async with websockets.asyncio.client.connect(
+                    f"{stream}/v1/so/stream", compression=None,
+                    additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+                async for frame in ws:
+                    event = json.loads(frame)["event"]
+                    if event != "hello":
+                        seen[event] += 1
+
+    tasks = [asyncio.create_task(watch(token)) for token in tokens.values()]
+    try:
+        yield seen
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _run(out: Path, instructions: int, rate: float) -> int:
+    sample = build_sample()
+    channels = _channels(sample)
+    secrets = {f: new_secret() for f, cs in channels.items() if Channel.WEBHOOK in cs}
+    hooks = {f: free_port() for f in secrets}
+    book = dataclasses.replace(sample, fsps={
+        fid: fsp.model_copy(update={"endpoints": Endpoints(
+            channels=channels[fid],
+            webhook_url=f"http://127.0.0.1:{hooks[fid]}/flexops" if fid in hooks else None,
+            webhook_secret_env=f"DEMO_WEBHOOK_SECRET_{fid}" if fid in hooks else None)})
+        for fid, fsp in sample.fsps.items()})
+    dump_contracts(book, out / "contracts.json")
+    tokens = write_sample_config(book, out)
+    _say(f"sample market: {len(book.system_operators)} SOs, {len(book.fsps)} FSPs, "
+         f"{len(book.assets)} assets, {len(book.contracts)} contracts → {out}/")
+    with LocalMosquitto(directory=out / "mosquitto") as broker, _smtp_sink() as (mailbox, port):
+        _say(f"mosquitto: {broker.url}; SMTP sink: 127.0.0.1:{port} (private, loopback only)")
+        config = out / "config.toml"
+        config.write_text(config.read_text() + f"\n[email]\nenabled = true\nport = {port}\n")
+        env = {f"DEMO_WEBHOOK_SECRET_{f}": secret for f, secret in secrets.items()}
+        service = DispatchdProcess(config, mqtt_url=broker.url, env=env).start()
+        _say(f"dispatchd: {service.url} (journal {out}/journal.sqlite3, log {service.log_path})")
+        try:
+            sims = _simulators(book, channels, tokens["fsp"], broker, service.url, secrets,
+                               hooks)
+            return await _exercise(book, tokens, sims, mailbox, service, instructions, rate)
+        finally:
+            service.stop()
+
+
+def _simulators(book: ContractBook, channels: dict[str, tuple[Channel, ...]],
+                tokens: dict[str, str], broker: LocalMosquitto, url: str,
+                secrets: dict[str, str], hooks: dict[str, int]) -> dict[str, ControlCentre]:
+    sims: dict[str, ControlCentre] = {}
+    for fsp, behaviour in _behaviours(book).items():
+        if Channel.WEBSOCKET in channels[fsp]:
+            sims[fsp] = StreamFspSimulator(fsp=fsp, behaviour=behaviour, url=url,
+                                           token=tokens[fsp])
+        elif Channel.WEBHOOK in channels[fsp]:
+            sims[fsp] = WebhookFspSimulator(fsp=fsp, behaviour=behaviour, secret=secrets[fsp],
+                                            api_url=url, token=tokens[fsp], port=hooks[fsp])
+        else:
+            sims[fsp] = FspSimulator(fsp=fsp, behaviour=behaviour, host="127.0.0.1",
+                                     port=broker.port)
+    return sims
+
+
+async def _exercise(book: ContractBook, tokens: dict[str, dict[str, str]],
+                    sims: dict[str, ControlCentre], mailbox: _Mailbox,
+                    service: DispatchdProcess, instructions: int, rate: float) -> int:
+    behaviours = {f: s.behaviour for f, s in sims.items()}
+    readies = {f: asyncio.Event() for f in sims}
+    tasks = [asyncio.create_task(sims[f].run(readies[f])) for f in sims]  # type: ignore[attr-defined]
+    kinds = Counter(type(s).__name__ for s in sims.values())
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in readies.values())), 15)
+        never = [f for f, b in behaviours.items() if b.ack_delay_s is None]
+        _say(f"{len(sims)} FSP control centres listening: {kinds['FspSimulator']} on MQTT, "
+             f"{kinds['StreamFspSimulator']} on the websocket stream, "
+             f"{kinds['WebhookFspSimulator']} taking signed webhooks, "
+             f"{sum(1 for f in book.fsps if Channel.EMAIL in book.fsps[f].endpoints.channels)}"
+             " also by email")
+        _say(f"  {sum(1 for b in behaviours.values() if b.ack_delay_s == 2.5)} slow, "
+             f"{sum(1 for b in behaviours.values() if b.reject_every)} reject some, "
+             f"{', '.join(never)} never answers")
+        async with _so_watchers(service.url, tokens["so"]) as so_events:
+            _say(f"control room: issuing {instructions} instructions at {rate:g}/s …")
+            seen = await _control_room(service.url, tokens["so"], book, instructions, rate)
+            _report_control_room(seen)
+            expected = len(seen["accepted"]) + 2  # plus the amendment and the cancellation
+            _say(f"waiting for delivery and answers (respond-by is "
+                 f"{RESPOND_WITHIN.seconds}s) …")
+            await wait_for(lambda: sum(len(s.received) for s in sims.values()) >= expected, 20)
+            await asyncio.sleep(RESPOND_WITHIN.seconds + 3)
+            await wait_for(lambda: so_events["escalated"] >= so_events["expired"], 5)
+            states = await _summarise(service.url, tokens["so"])
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return await _report(sims, mailbox, so_events, states, seen, expected, service)
+
+
+def _report_control_room(seen: dict[str, Any]) -> None:
+    _say(f"  {len(seen['accepted'])} accepted (202) in {seen['burst_s']:.1f}s, "
+         f"{len(seen['refused'])} refused")
+    _say(f"  repeat of demo-00000 with other content → {seen['repeat']} (conflict)")
+    _say(f"  amend {seen['amend'][0]} → {seen['amend'][1]}, revision {seen['amend'][2]}")
+    _say(f"  cancel {seen['cancel'][0]} → {seen['cancel'][1]}, revision {seen['cancel'][2]}")
+    status, body = seen["invalid"]
+    _say(f"  invalid instruction → {status} {body['error']}:")
+    for problem in body["problems"]:
+        _say(f"      {problem['field']}: {problem['reason']}")
+
+
+async def _report(sims: dict[str, ControlCentre], mailbox: _Mailbox,
+                  so_events: Counter[str], states: Counter[str], seen: dict[str, Any],
+                  expected: int, service: DispatchdProcess) -> int:
     received = [r for s in sims.values() for r in s.received]
-    latencies = [r.latency_s * 1000 for r in received if r.attempt == 0]
+    by_kind: dict[str, list[float]] = {}
+    for sim in sims.values():
+        by_kind.setdefault(type(sim).__name__, []).extend(
+            r.latency_s * 1000 for r in sim.received if r.attempt == 0)
     delivered = len({(r.id, r.revision) for r in received})
     out_of_order = sum(s.out_of_order for s in sims.values())
     _say("")
@@ -208,8 +350,17 @@ async def _exercise(book: ContractBook, tokens: dict[str, dict[str, str]],
     _say(f"  re-sends ignored by FSPs    : {sum(s.duplicates for s in sims.values())} "
          "(duplicates carry the same id and revision)")
     _say(f"  out-of-order revisions      : {out_of_order}")
-    _say(f"  accepted → received (MQTT)  : p50 {percentile(latencies, 0.5):.1f} ms, "
-         f"p99 {percentile(latencies, 0.99):.1f} ms")
+    for label, kind in (("MQTT", "FspSimulator"), ("websocket", "StreamFspSimulator"),
+                        ("webhook", "WebhookFspSimulator")):
+        values = by_kind.get(kind, [])
+        _say(f"  {'accepted → received (' + label + ')':<28}: "
+             f"p50 {percentile(values, 0.5):.1f} ms, p99 {percentile(values, 0.99):.1f} ms "
+             f"({len(values)} revisions)")
+    emailed = sum(mailbox.kinds[k] for k in ("instruct", "amend", "cancel"))
+    _say(f"  emails handed to SMTP       : {emailed} instructions, "
+         f"{mailbox.kinds['escalation']} escalations")
+    _say("  SO streams saw              : " + ", ".join(
+        f"{kind} {n}" for kind, n in sorted(so_events.items())))
     _say("  instructions by state       : " + ", ".join(
         f"{state} {n}" for state, n in sorted(states.items())))
     async with httpx.AsyncClient() as client:
@@ -219,7 +370,8 @@ async def _exercise(book: ContractBook, tokens: dict[str, dict[str, str]],
             batches = float(line.split()[-1])
             _say(f"  journal transactions        : {batches:.0f} for "
                  f"{len(seen['accepted']) + 2} revisions and their events (group commit)")
-    ok = delivered == expected and out_of_order == 0 and states.get("expired", 0) > 0
+    ok = (delivered == expected and out_of_order == 0 and states.get("expired", 0) > 0
+          and so_events["escalated"] > 0 and mailbox.kinds["escalation"] > 0)
     _say("demo " + ("completed" if ok else "FAILED: see above"))
     return 0 if ok else 1
 

@@ -144,8 +144,9 @@ class DispatchdProcess(_Child):
     stop_timeout = 10.0
 
     def __init__(self, config: Path, *, mqtt_url: str | None = None, port: int | None = None,
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.env = env or {}
         self.mqtt_url = mqtt_url
         self.port = port or free_port()
         self.log_path = log or config.parent / "dispatchd.log"
@@ -163,6 +164,7 @@ class DispatchdProcess(_Child):
                  "--listen", f"127.0.0.1:{self.port}",
                  *(["--mqtt", self.mqtt_url] if self.mqtt_url else [])],
                 stdout=log, stderr=log, start_new_session=True,
+                env={**os.environ, **self.env},
             )
         self._wait_ready(self._healthy, "dispatchd", self.log_path, timeout)
         return self

@@ -2,7 +2,8 @@
 
 A :class:`FspSimulator` is a real MQTT client, as an FSP's control centre would be: it
 subscribes to its instruction topic, de-duplicates on (id, revision), and acknowledges on
-its ``acks`` topic after a delay its :class:`FspBehaviour` sets (or never).
+its ``acks`` topic after a delay its :class:`FspBehaviour` sets (or never). A
+:class:`StreamFspSimulator` does the same on the websocket stream.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
+import httpx
+import uvicorn
+import websockets.asyncio.client
+import websockets.exceptions
 
 from dispatchd.channels.mqtt import NODELAY
 
@@ -40,13 +45,13 @@ class Received:
     attempt: int
 
 
-@dataclass
-class FspSimulator:
+@dataclass(kw_only=True)
+class ControlCentre:
+    """What every simulated control centre does with what it receives, whatever the channel:
+    de-duplicate on (id, revision), count anything out of order, and decide the answer."""
+
     fsp: str
-    host: str
-    port: int
     behaviour: FspBehaviour = field(default_factory=FspBehaviour)
-    topic_prefix: str = "flexops/v1"
     received: list[Received] = field(default_factory=list)
     duplicates: int = 0
     out_of_order: int = 0
@@ -54,6 +59,41 @@ class FspSimulator:
     on_message: Callable[[Received], None] | None = None
     _latest: dict[str, int] = field(default_factory=dict)
     _count: int = 0
+
+    def take(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Record one instruction message; returns the acknowledgement to send, if any."""
+        now = dt.datetime.now(dt.UTC)
+        accepted = dt.datetime.fromisoformat(body["accepted_at"])
+        item = Received(body["id"], body["revision"], body["type"],
+                        (now - accepted).total_seconds(), body.get("attempt", 0))
+        seen = self._latest.get(item.id, -1)
+        if item.revision < seen:
+            self.out_of_order += 1  # an older revision after a newer one: must never happen
+            return None
+        if item.revision == seen:
+            self.duplicates += 1  # a re-send: same id and revision, ignored
+            return None
+        self._latest[item.id] = item.revision
+        self.received.append(item)
+        if self.on_message is not None:
+            self.on_message(item)
+        if self.behaviour.ack_delay_s is None:
+            return None
+        self._count += 1
+        reject = (self.behaviour.reject_every and body["type"] == "instruction"
+                  and self._count % self.behaviour.reject_every == 0)
+        return {"id": item.id, "revision": item.revision,
+                "response": "rejected" if reject else "accepted",
+                "reason": self.behaviour.reject_reason if reject else None}
+
+
+@dataclass(kw_only=True)
+class FspSimulator(ControlCentre):
+    """A control centre on MQTT: subscribes to its topic, answers on its ``acks`` topic."""
+
+    host: str
+    port: int
+    topic_prefix: str = "flexops/v1"
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Connect, subscribe and answer until cancelled."""
@@ -70,34 +110,9 @@ class FspSimulator:
                     if message.topic.value.endswith("/errors"):
                         self.errors.append(body)
                         continue
-                    self._handle(client, group, body)
-
-    def _handle(self, client: aiomqtt.Client, group: asyncio.TaskGroup, body: dict[str, Any]
-                ) -> None:
-        now = dt.datetime.now(dt.UTC)
-        accepted = dt.datetime.fromisoformat(body["accepted_at"])
-        item = Received(body["id"], body["revision"], body["type"],
-                        (now - accepted).total_seconds(), body["attempt"])
-        seen = self._latest.get(item.id, -1)
-        if item.revision < seen:
-            self.out_of_order += 1  # an older revision after a newer one: must never happen
-            return
-        if item.revision == seen:
-            self.duplicates += 1  # a re-send: same id and revision, ignored
-            return
-        self._latest[item.id] = item.revision
-        self.received.append(item)
-        if self.on_message is not None:
-            self.on_message(item)
-        if self.behaviour.ack_delay_s is None:
-            return
-        self._count += 1
-        reject = (self.behaviour.reject_every and body["type"] == "instruction"
-                  and self._count % self.behaviour.reject_every == 0)
-        ack = {"id": item.id, "revision": item.revision,
-               "response": "rejected" if reject else "accepted",
-               "reason": self.behaviour.reject_reason if reject else None}
-        group.create_task(self._ack(client, ack))
+                    ack = self.take(body)
+                    if ack is not None:
+                        group.create_task(self._ack(client, ack))
 
     async def _ack(self, client: aiomqtt.Client, ack: dict[str, Any]) -> None:
         if self.behaviour.ack_delay_s:
@@ -105,6 +120,116 @@ class FspSimulator:
         with contextlib.suppress(aiomqtt.MqttError):
             await client.publish(f"{self.topic_prefix}/fsp/{self.fsp}/acks",
                                  json.dumps(ack).encode(), qos=1)
+
+
+@dataclass(kw_only=True)
+class StreamFspSimulator(ControlCentre):
+    """A control centre on the websocket stream: resumes after the last event it saw and
+    answers on the same socket."""
+
+    url: str
+    """The service's base URL (http://…)."""
+    token: str
+    last_seq: int = 0
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        stream = self.url.replace("http://", "ws://").replace("https://", "wss://")
+        while True:
+            try:
+                async with websockets.asyncio.client.connect(
+                        f"{stream}/v1/stream?since={self.last_seq}", compression=None,
+                        additional_headers={"Authorization": f"Bearer {self.token}"}) as ws:
+                    json.loads(await ws.recv())  # the hello frame
+                    if ready is not None:
+                        ready.set()
+                    async with asyncio.TaskGroup() as group:
+                        async for frame in ws:
+                            self._frame(ws, group, json.loads(frame))
+            except (OSError, websockets.exceptions.WebSocketException):
+                await asyncio.sleep(0.5)  # dropped: resume from last_seq
+
+    def _frame(self, ws: Any, group: asyncio.TaskGroup, body: dict[str, Any]) -> None:
+        if "reply" in body:
+            if body.get("status") != 200:
+                self.errors.append(body)
+            return
+        self.last_seq = body["seq"]
+        message = body.get("message")
+        if message is None:
+            return
+        ack = self.take(message)
+        if ack is not None:
+            group.create_task(self._ack(ws, ack))
+
+    async def _ack(self, ws: Any, ack: dict[str, Any]) -> None:
+        if self.behaviour.ack_delay_s:
+            await asyncio.sleep(self.behaviour.ack_delay_s)
+        with contextlib.suppress(websockets.exceptions.WebSocketException):
+            await ws.send(json.dumps(ack))
+
+
+@dataclass(kw_only=True)
+class WebhookFspSimulator(ControlCentre):
+    """A control centre taking webhooks: an HTTP server (Starlette on uvicorn) that verifies
+    each signature with :class:`dispatchd.webhooks.Verifier` and answers over the HTTP API."""
+
+    secret: str
+    api_url: str
+    token: str
+    port: int = 0
+    refused: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/flexops"
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import Response
+        from starlette.routing import Route
+
+        from dispatchd.localstack import free_port
+        from dispatchd.webhooks import Replayed, VerificationError, Verifier
+
+        verifier = Verifier(self.secret)
+        self.port = self.port or free_port()
+        async with httpx.AsyncClient(base_url=self.api_url, timeout=10) as api, \
+                asyncio.TaskGroup() as group:
+
+            async def receive(request: Request) -> Response:
+                try:
+                    event = verifier.verify(await request.body(), dict(request.headers))
+                except Replayed:
+                    return Response(status_code=200)
+                except VerificationError as exc:
+                    self.refused += 1
+                    return Response(exc.reason, status_code=400)
+                ack = self.take(event["data"])
+                if ack is not None:
+                    group.create_task(self._ack(api, ack))
+                return Response(status_code=204)
+
+            app = Starlette(routes=[Route("/flexops", receive, methods=["POST"])])
+            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                   log_level="warning", lifespan="off"))
+            serving = group.create_task(server.serve())
+            while not server.started and not serving.done():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            if ready is not None:
+                ready.set()
+            try:
+                await serving
+            finally:
+                server.should_exit = True
+
+    async def _ack(self, api: httpx.AsyncClient, ack: dict[str, Any]) -> None:
+        if self.behaviour.ack_delay_s:
+            await asyncio.sleep(self.behaviour.ack_delay_s)
+        response = await api.post(f"/v1/instructions/{ack['id']}/ack", json=ack,
+                                  headers={"Authorization": f"Bearer {self.token}"})
+        if response.status_code != 200:
+            self.errors.append(response.json())
 
 
 def percentile(values: list[float], fraction: float) -> float:

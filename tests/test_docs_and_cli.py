@@ -94,7 +94,8 @@ def test_serve_reports_a_bad_config_clearly(tmp_path: Path) -> None:
 @pytest.mark.broker
 @pytest.mark.service
 def test_demo_runs_and_reports(tmp_path: Path) -> None:
-    """The demo, small: every revision delivered, nothing out of order, some expired."""
+    """The demo, small: every revision delivered on every kind of channel, nothing out of
+    order, some expired and escalated by email."""
     result = subprocess.run(
         [sys.executable, "-m", "dispatchd.cli", "demo", "--out", str(tmp_path),
          "--instructions", "60", "--rate", "60"],
@@ -104,6 +105,10 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     assert "revisions delivered to FSPs : 62 of 62" in out
     assert "out-of-order revisions      : 0" in out
     assert re.search(r"expired [1-9]", out)
+    assert re.search(r"accepted → received \(websocket\) *: p50", out)
+    assert re.search(r"accepted → received \(webhook\) *: p50", out)
+    assert re.search(r"emails handed to SMTP *: [1-9]\d* instructions, [1-9]\d* escalations", out)
+    assert re.search(r"SO streams saw .*escalated [1-9]", out)
     assert "demo completed" in out
 
 

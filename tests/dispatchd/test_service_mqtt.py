@@ -40,7 +40,8 @@ async def _until_state(stack: Stack, instruction_id: str, so: str, state: str,
 
 async def _simulate(stack: Stack, fsp: str, behaviour: FspBehaviour) -> tuple[FspSimulator,
                                                                              asyncio.Task[None]]:
-    sim = FspSimulator(fsp, "127.0.0.1", stack.broker.port, behaviour)
+    sim = FspSimulator(fsp=fsp, host="127.0.0.1", port=stack.broker.port,
+                       behaviour=behaviour)
     ready = asyncio.Event()
     task = asyncio.create_task(sim.run(ready))
     await asyncio.wait_for(ready.wait(), 5)
