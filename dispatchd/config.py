@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -149,6 +150,9 @@ class EmailConfig(Frozen):
     username: str | None = None
     password_env: str | None = None
     """Environment variable holding the SMTP password."""
+    ca_file: Path | None = None
+    """PEM file of the certificate authorities to trust for the SMTP server's certificate;
+    default: the system's."""
     from_address: str = "flexops dispatch <dispatch@localhost>"
     timeout_s: float = Field(default=10.0, gt=0)
     workers: int = Field(default=4, ge=1, le=64)
@@ -220,21 +224,25 @@ def load_config(path: str | Path, *, listen: str | None = None, mqtt: str | None
         "service": config.service.model_copy(
             update={"contracts": base / config.service.contracts}),
         "journal": config.journal.model_copy(update={"path": base / config.journal.path}),
+        "email": config.email.model_copy(update={
+            "ca_file": base / config.email.ca_file if config.email.ca_file else None}),
     })
 
 
-def secret_from_env(key: str, name: str | None) -> str | None:
-    """The value of environment variable ``name`` (named by config key ``key``), if named."""
+def secret_from_env(key: str, name: str | None, environ: Mapping[str, str] | None = None
+                    ) -> str | None:
+    """The value of environment variable ``name`` (named by config key ``key``), if named;
+    ``environ`` defaults to the process environment."""
     if name is None:
         return None
-    value = os.environ.get(name)
+    value = (os.environ if environ is None else environ).get(name)
     if value is None:
         raise ConfigError(f"{key} names {name}, which is not set")
     return value
 
 
-def mqtt_password(config: MqttConfig) -> str | None:
-    return secret_from_env("mqtt.password_env", config.password_env)
+def mqtt_password(config: MqttConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    return secret_from_env("mqtt.password_env", config.password_env, environ)
 
 
 def write_sample_config(book: ContractBook, out: Path, *, contracts_name: str = "contracts.json"

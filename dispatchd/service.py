@@ -147,11 +147,12 @@ class Service:
                             config.journal.max_batch, config.journal.max_queue),
             on_commit=self._committed,
         )
-        self.mqtt = MqttChannel(config.mqtt, password=mqtt_password(config.mqtt),
+        self.mqtt = MqttChannel(config.mqtt, password=mqtt_password(config.mqtt, environ),
                                 on_ack=self._mqtt_ack, metrics=self.metrics, rng=rng)
         self.email = EmailChannel(
             config.email, metrics=self.metrics,
-            password=secret_from_env("email.password_env", config.email.password_env))
+            password=secret_from_env("email.password_env", config.email.password_env,
+                                     environ))
         self.webhook = WebhookChannel(config.webhook, keys=webhook_keys, metrics=self.metrics)
         self.streams = StreamHub(self.metrics, send_timeout_s=config.websocket.send_timeout_s)
         self._link_key = _link_key(config, environ)

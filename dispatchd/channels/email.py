@@ -265,17 +265,21 @@ class EmailChannel:
             hostname=c.host, port=c.port, timeout=c.timeout_s,
             use_tls=c.security == "tls", start_tls=c.security == "starttls",
             username=c.username, password=self._password,
+            cert_bundle=str(c.ca_file) if c.ca_file is not None else None,
         )
 
     async def _worker(self, queue: asyncio.Queue[OutgoingEmail]) -> None:
         client = self._client()
-        while True:
-            out = await queue.get()
-            self._in_hand += 1
-            try:
-                client = await self._deliver(client, out)
-            finally:
-                self._in_hand -= 1
+        try:
+            while True:
+                out = await queue.get()
+                self._in_hand += 1
+                try:
+                    client = await self._deliver(client, out)
+                finally:
+                    self._in_hand -= 1
+        finally:
+            client.close()
 
     async def _deliver(self, client: aiosmtplib.SMTP, out: OutgoingEmail) -> aiosmtplib.SMTP:
         """Hand ``out`` over, retrying while it is wanted; returns the client to keep."""

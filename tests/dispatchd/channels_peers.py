@@ -10,6 +10,8 @@ import datetime as dt
 import email
 import email.policy
 import json
+import ssl
+import subprocess
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +23,7 @@ from typing import Any
 import httpx
 from aiohttp import web
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from websockets.asyncio.client import ClientConnection, connect
 
 from contracts.io import ContractBook
@@ -61,15 +64,39 @@ class _Inbox:
 
 
 class SmtpServer:
-    """aiosmtpd on a fixed free loopback port that can be stopped and started again."""
+    """aiosmtpd on a fixed free loopback port that can be stopped and started again.
 
-    def __init__(self) -> None:
+    With ``tls`` (a certificate and key file) it requires STARTTLS; with ``login`` (user,
+    password) it also requires authentication and records who logged in.
+    """
+
+    def __init__(self, *, tls: tuple[Path, Path] | None = None,
+                 login: tuple[str, str] | None = None) -> None:
         self.port = free_port()
         self.inbox = _Inbox()
+        self.logins: list[str] = []
+        self._tls = tls
+        self._login = login
         self._controller: Controller | None = None
 
+    def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str,
+                      auth_data: Any) -> AuthResult:
+        user, password = auth_data.login.decode(), auth_data.password.decode()
+        if self._login is not None and (user, password) == self._login:
+            self.logins.append(user)
+            return AuthResult(success=True)
+        return AuthResult(success=False, handled=False)
+
     def start(self) -> None:
-        self._controller = Controller(self.inbox, hostname="127.0.0.1", port=self.port)
+        extra: dict[str, Any] = {}
+        if self._tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*self._tls)
+            extra |= {"tls_context": context, "require_starttls": True}
+        if self._login is not None:
+            extra |= {"authenticator": self._authenticate, "auth_required": True}
+        self._controller = Controller(self.inbox, hostname="127.0.0.1", port=self.port,
+                                      **extra)
         self._controller.start()
 
     def stop(self) -> None:
@@ -87,6 +114,15 @@ class SmtpServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate and key for 127.0.0.1, made with the openssl command."""
+    cert, key = directory / "smtp-cert.pem", directory / "smtp-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
 
 
 # ---------------------------------------------------------------------------- webhooks

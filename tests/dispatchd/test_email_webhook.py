@@ -28,6 +28,7 @@ from tests.dispatchd.channels_peers import (
     channel_config,
     next_event,
     parts,
+    self_signed,
     serving,
     stream,
 )
@@ -102,6 +103,31 @@ def test_instruction_email_carries_everything_needed_to_act(
                 second = smtp.messages()[1]
                 assert second["X-Flexops-Revision"] == "1"
                 assert "AMENDED" in second["Subject"] and f"{mw / 2:g} MW" in second["Subject"]
+
+    run(scenario())
+
+
+def test_email_goes_over_starttls_with_the_configured_credentials(
+        tmp_path: Path, live_book: ContractBook) -> None:
+    """security = starttls, ca_file and username/password_env reach an SMTP server that
+    requires all three."""
+    contract = pick(live_book)
+    book = channel_book(live_book, {contract.fsp: EMAIL})
+    cert, key = self_signed(tmp_path)
+
+    async def scenario() -> None:
+        with SmtpServer(tls=(cert, key), login=("dispatchd", "s3cret")) as smtp:
+            base = channel_config(tmp_path, book, smtp_port=smtp.port)
+            config = base.model_copy(update={"email": base.email.model_copy(update={
+                "security": "starttls", "ca_file": cert, "username": "dispatchd",
+                "password_env": "SMTP_PASSWORD"})})
+            async with serving(config, book, environ={"SMTP_PASSWORD": "s3cret"}) as (
+                    _, client):
+                r = await client.post("/v1/instructions", headers=auth("so", contract.so),
+                                      json=instruction(contract, id="tls-1"))
+                assert r.status_code == 202
+                assert await wait_for(lambda: len(smtp.messages()) == 1, 10)
+            assert smtp.logins == ["dispatchd"]
 
     run(scenario())
 

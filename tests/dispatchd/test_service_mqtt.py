@@ -333,7 +333,8 @@ def test_openapi_healthz_and_metrics_are_served(tmp_path: Path, broker: LocalMos
                     "/v1/instructions/{instruction_id}/ack"} <= set(spec["paths"])
             health = (await stack.client.get("/healthz")).json()
             assert health == {"status": "ok", "mqtt_connected": True, "instructions": 1,
-                              "journal_queue": 0}
+                              "journal_queue": 0, "stream_clients": {"fsp": 0, "so": 0},
+                              "email_queue": 0, "webhook_queue": 0}
             text = (await stack.client.get("/metrics")).text
             for name in ('flexops_accept_seconds_count{endpoint="submit"} 1.0',
                          "flexops_journal_commit_seconds_count",
