@@ -25,10 +25,11 @@ from email.utils import formatdate
 from zoneinfo import ZoneInfo
 
 import aiosmtplib
-from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
+from tenacity import wait_random_exponential
 
 from contracts.io import ContractBook
 from contracts.model import Direction
+from dispatchd.channels.retry import while_wanted
 from dispatchd.config import EmailConfig
 from dispatchd.core.instruction import Instruction, Kind
 from dispatchd.metrics import Metrics
@@ -286,14 +287,11 @@ class EmailChannel:
         if not out.wanted():
             return client
         message = out.compose()
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda e: isinstance(e, _Transient)),
+        retrying = while_wanted(
+            out.wanted, retryable=_Transient,
             wait=wait_random_exponential(multiplier=self.config.retry_initial_s,
                                          max=self.config.retry_max_s),
-            stop=lambda _state: not out.wanted(),
-            before_sleep=lambda state: self._metrics.send_failures.labels(self.name).inc(),
-            retry_error_callback=lambda _state: None,
-        )
+            on_retry=self._metrics.send_failures.labels(self.name).inc)
         async for attempt in retrying:
             with attempt:
                 if not out.wanted():

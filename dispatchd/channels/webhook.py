@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+from tenacity import RetryCallState, wait_random_exponential
 
+from dispatchd.channels.retry import while_wanted
 from dispatchd.config import WebhookConfig
 from dispatchd.metrics import Metrics
 from dispatchd.webhooks import signed_headers
@@ -105,13 +106,8 @@ class WebhookChannel:
 
     async def _deliver(self, out: OutgoingWebhook) -> None:
         assert self._client is not None
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda e: isinstance(e, _Retry)),
-            wait=self._wait,
-            stop=lambda _state: not out.wanted(),
-            before_sleep=lambda state: self._metrics.send_failures.labels(self.name).inc(),
-            retry_error_callback=lambda _state: None,
-        )
+        retrying = while_wanted(out.wanted, retryable=_Retry, wait=self._wait,
+                                on_retry=self._metrics.send_failures.labels(self.name).inc)
         async for attempt in retrying:
             with attempt:
                 if not out.wanted():

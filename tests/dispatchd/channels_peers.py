@@ -35,16 +35,14 @@ from dispatchd.config import (
     EmailConfig,
     JournalConfig,
     MqttConfig,
-    Principal,
     ServiceConfig,
     WebhookConfig,
     WebsocketConfig,
-    token_digest,
 )
 from dispatchd.localstack import free_port
 from dispatchd.service import Service
 from dispatchd.webhooks import Replayed, VerificationError, Verifier, new_secret
-from tests.dispatchd.conftest import token
+from tests.dispatchd.conftest import principals, token
 
 # ---------------------------------------------------------------------------- SMTP
 
@@ -212,10 +210,6 @@ def channel_book(book: ContractBook, endpoints: dict[str, Endpoints]) -> Contrac
 def channel_config(tmp_path: Path, book: ContractBook, *, smtp_port: int | None = None,
                    **websocket: Any) -> Config:
     """A config without MQTT; email to ``smtp_port`` when given; one token per principal."""
-    principals = [Principal(role="so", id=so, token_sha256=token_digest(token("so", so)))
-                  for so in book.system_operators]
-    principals += [Principal(role="fsp", id=f, token_sha256=token_digest(token("fsp", f)))
-                   for f in book.fsps]
     return Config(
         service=ServiceConfig(listen="127.0.0.1:0"),
         journal=JournalConfig(path=tmp_path / "journal.sqlite3"),
@@ -225,7 +219,7 @@ def channel_config(tmp_path: Path, book: ContractBook, *, smtp_port: int | None 
         email=EmailConfig(enabled=smtp_port is not None, port=smtp_port or 25,
                           retry_initial_s=0.1, retry_max_s=0.5, timeout_s=2),
         webhook=WebhookConfig(retry_initial_s=0.05, retry_max_s=0.3, timeout_s=2),
-        auth=AuthConfig(principals=tuple(principals)),
+        auth=AuthConfig(principals=principals(book)),
     )
 
 

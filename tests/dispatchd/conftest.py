@@ -45,17 +45,20 @@ def auth(role: str, principal: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token(role, principal)}"}
 
 
+def principals(book: ContractBook) -> tuple[Principal, ...]:
+    """One principal per SO and FSP of ``book``, with the tokens :func:`token` gives."""
+    return tuple(
+        Principal(role=role, id=pid, token_sha256=token_digest(token(role, pid)))
+        for role, ids in (("so", book.system_operators), ("fsp", book.fsps)) for pid in ids)
+
+
 def make_config(tmp_path: Path, broker: LocalMosquitto, book: ContractBook) -> Config:
-    principals = [Principal(role="so", id=so, token_sha256=token_digest(token("so", so)))
-                  for so in book.system_operators]
-    principals += [Principal(role="fsp", id=f, token_sha256=token_digest(token("fsp", f)))
-                   for f in book.fsps]
     return Config(
         service=ServiceConfig(listen="127.0.0.1:0"),
         journal=JournalConfig(path=tmp_path / "journal.sqlite3"),
         mqtt=MqttConfig(url=broker.url, client_id=f"dispatchd-{uuid.uuid4().hex[:8]}"),
         delivery=DeliveryConfig(retry_initial_s=0.3, retry_max_s=2.0),
-        auth=AuthConfig(principals=tuple(principals)),
+        auth=AuthConfig(principals=principals(book)),
     )
 
 

@@ -196,6 +196,14 @@ def test_email_not_handed_over_before_a_restart_is_sent_after_it(
     run(scenario())
 
 
+def webhook_market(book: ContractBook, fsp: str, receiver: WebhookReceiver
+                   ) -> tuple[ContractBook, dict[str, str]]:
+    """``book`` with ``fsp`` on webhooks to ``receiver``, and the environment with its secret."""
+    webhook = Endpoints(channels=(Channel.WEBHOOK,), webhook_url=receiver.url,
+                        webhook_secret_env="HOOK_SECRET")
+    return channel_book(book, {fsp: webhook}), {"HOOK_SECRET": receiver.secret}
+
+
 def test_webhook_is_signed_retried_after_5xx_and_received_exactly_as_signed(
         tmp_path: Path, live_book: ContractBook) -> None:
     """The receiver verifies the signature, answers 500 three times, then 200."""
@@ -204,10 +212,7 @@ def test_webhook_is_signed_retried_after_5xx_and_received_exactly_as_signed(
     async def scenario() -> None:
         receiver = WebhookReceiver(answers=[500, 503, 429])
         async with receiver.serving():
-            book = channel_book(live_book, {contract.fsp: Endpoints(
-                channels=(Channel.WEBHOOK,), webhook_url=receiver.url,
-                webhook_secret_env="HOOK_SECRET")})
-            env = {"HOOK_SECRET": receiver.secret}
+            book, env = webhook_market(live_book, contract.fsp, receiver)
             async with serving(channel_config(tmp_path, book), book, environ=env) as (
                     service, client):
                 r = await client.post("/v1/instructions", headers=auth("so", contract.so),
@@ -239,10 +244,7 @@ def test_webhook_4xx_is_final_and_raises_an_alarm(tmp_path: Path, live_book: Con
     async def scenario() -> None:
         receiver = WebhookReceiver(answers=[400])
         async with receiver.serving():
-            book = channel_book(live_book, {contract.fsp: Endpoints(
-                channels=(Channel.WEBHOOK,), webhook_url=receiver.url,
-                webhook_secret_env="HOOK_SECRET")})
-            env = {"HOOK_SECRET": receiver.secret}
+            book, env = webhook_market(live_book, contract.fsp, receiver)
             async with serving(channel_config(tmp_path, book), book, environ=env) as (
                     service, client), stream(service, "so", contract.so) as so_ws:
                 await client.post("/v1/instructions", headers=auth("so", contract.so),
