@@ -1,4 +1,4 @@
-"""The ``dispatchd`` command: serve, send, tail, demo, webhook-secret."""
+"""The ``dispatchd`` command: serve, send, tail, export, demo, webhook-secret."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ examples:
   dispatchd serve --config demo/config.toml
   dispatchd send --contract C00003 --mw 1.5 --start +10m --end +70m
   dispatchd tail --since 0
+  dispatchd export --config demo/config.toml --month 2026-10
   dispatchd demo
   dispatchd webhook-secret
 
@@ -95,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--since", type=int, default=0, help="cursor to start after (default 0)")
     tail.add_argument("--interval", type=float, default=0.5, help="poll interval in seconds")
     tail.add_argument("--once", action="store_true", help="print what is there and exit")
+
+    export = sub.add_parser(
+        "export", help="write one month's dispatch log (Parquet) for settlement",
+        description="Read the journal (read-only; dispatchd may keep running) and write every "
+        "revision of the instructions overlapping the month (local calendar month) as a "
+        "Parquet file whose columns docs/settlement.md lists.")
+    export.add_argument("--config", required=True, type=Path,
+                        help="the dispatchd configuration (for the journal and contracts)")
+    export.add_argument("--month", required=True, help="YYYY-MM")
+    export.add_argument("--out", type=Path,
+                        help="output file (default dispatch-log-YYYY-MM.parquet)")
+    export.add_argument("--tz", default="Europe/London", help="time zone of the month")
 
     demo = sub.add_parser("demo", help="run the whole stack on a sample market and report",
                           description="Start a private Mosquitto, dispatchd on a sample "
@@ -225,6 +238,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from contracts.io import ContractsFileError, load_contracts
+    from dispatchd.config import ConfigError, load_config
+    from dispatchd.export import dispatch_log, write_dispatch_log
+    from dispatchd.journal import JournalError
+
+    try:
+        config = load_config(args.config)
+        book = load_contracts(config.service.contracts)
+        frame = dispatch_log(config.journal.path, book, args.month, tz=args.tz)
+    except (ConfigError, ContractsFileError, JournalError, ValueError) as exc:
+        print(f"dispatchd: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or Path(f"dispatch-log-{args.month}.parquet")
+    write_dispatch_log(frame, out)
+    instructions = int(frame["latest"].sum())
+    print(f"{out}: {frame.height} revisions of {instructions} instructions for {args.month}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
@@ -236,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_tail(args)
         except KeyboardInterrupt:
             return 0
+    if args.command == "export":
+        return cmd_export(args)
     if args.command == "webhook-secret":
         from dispatchd.webhooks import new_secret
 

@@ -101,6 +101,18 @@ def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
     return conn
 
 
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """Open an existing journal for reading only (safe while dispatchd is writing to it)."""
+    if not path.exists():
+        raise JournalError(f"{path}: no journal there")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    if row is None or int(row[0]) > SCHEMA_VERSION:
+        conn.close()
+        raise JournalError(f"{path}: not a journal this dispatchd can read")
+    return conn
+
+
 def read_records(conn: sqlite3.Connection, after: int = 0) -> Iterator[tuple[int, Record]]:
     """Every record after sequence number ``after``, in order."""
     cursor = conn.execute(

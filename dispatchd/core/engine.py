@@ -767,6 +767,10 @@ class Dispatcher:
                 found.append(view)
         return found, next_cursor
 
+    def ids(self) -> list[str]:
+        """Every instruction id known, in no particular order."""
+        return list(self._tracked)
+
     def state_counts(self) -> Counter[State]:
         return Counter(t.latest.state for t in self._tracked.values())
 
