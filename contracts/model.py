@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -134,17 +134,64 @@ class BaselineRule(Frozen):
 
 
 class PerformanceRule(Frozen):
-    """Delivered/requested → payment multiplier: 0 below ``floor``, linear to 1 at ``full``."""
+    """Delivered/requested → payment multiplier.
 
-    floor: Decimal = Decimal("0.5")
-    full: Decimal = Decimal("1.0")
+    Below ``floor`` the multiplier is 0. From ``floor`` it is ``performance / full``
+    (``shape = "proportional"``, the default) or rises from 0 at ``floor`` to 1 at ``full``
+    (``shape = "ramp"``); it never exceeds 1. ``cap_at_requested`` counts at most the
+    requested energy in each half hour; ``positive_only`` counts a half hour that delivered
+    less than nothing as zero (otherwise deliveries are netted).
+    """
+
+    floor: Decimal = Field(default=Decimal("0.5"), ge=0, le=1)
+    full: Decimal = Field(default=Decimal("1.0"), gt=0)
+    shape: Literal["proportional", "ramp"] = "proportional"
     cap_at_requested: bool = True
     positive_only: bool = True
 
+    def multiplier(self, performance: Decimal) -> Decimal:
+        if performance < self.floor:
+            return Decimal(0)
+        if self.shape == "ramp":
+            if self.full <= self.floor:
+                return Decimal(1)
+            return min(Decimal(1), (performance - self.floor) / (self.full - self.floor))
+        return min(Decimal(1), performance / self.full)
+
+
+class AvailabilityRule(Frozen):
+    """How availability is paid: hours in service windows × min(declared, contracted) MW.
+
+    ``undeclared``: what an hour without a declaration counts as (``contracted`` MW, or
+    ``zero``). A dispatch the FSP failed (performance below ``failure_below``, default the
+    performance floor; or rejected or unanswered) forfeits ``reduction`` of the availability
+    of its ``failed_dispatch`` scope: the service-window occurrence it fell in (``window``),
+    its local day (``day``), the whole month (``month``) or nothing (``none``).
+    """
+
+    undeclared: Literal["contracted", "zero"] = "contracted"
+    failed_dispatch: Literal["none", "window", "day", "month"] = "window"
+    failure_below: Decimal | None = Field(default=None, ge=0, le=1)
+    reduction: Decimal = Field(default=Decimal(1), ge=0, le=1)
+
 
 class PenaltyRule(Frozen):
-    kind: str = "none"
+    """``none``; ``shortfall`` (params ``price_per_mwh``: the undelivered MWh of a failed
+    dispatch × that price); or ``per_failure`` (params ``amount``: £ per failed dispatch)."""
+
+    kind: Literal["none", "shortfall", "per_failure"] = "none"
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _params(self) -> PenaltyRule:
+        needed = {"none": None, "shortfall": "price_per_mwh", "per_failure": "amount"}[self.kind]
+        if needed is not None:
+            try:
+                Decimal(str(self.params[needed]))
+            except (KeyError, ArithmeticError) as exc:
+                raise ValueError(f"penalty {self.kind} needs params.{needed} (a number)") \
+                    from exc
+        return self
 
 
 class Contract(Frozen):
@@ -172,6 +219,7 @@ class Contract(Frozen):
     max_run_minutes: int | None = Field(default=None, gt=0)
     baseline: BaselineRule = BaselineRule()
     performance: PerformanceRule = PerformanceRule()
+    availability: AvailabilityRule = AvailabilityRule()
     penalty: PenaltyRule = PenaltyRule()
     assets: tuple[Id, ...] = Field(min_length=1)
     """Obligated assets."""
