@@ -128,7 +128,8 @@ def _events(s: Settlement, fsp: str | None, turn_up: dict[str, bool]) -> str:
         out.append(
             f"<div class='event' id='event-{_e(row['id'])}'><h3>{_e(row['id'])} — "
             f"{_e(row['contract_id'])} ({_e(row['fsp'])}), {_e(row['direction'])} "
-            f"{row['capacity_mw']:g} MW, {_local(row['start'], row['end'])}</h3><p>{_e(row['reason'])}. Requested {_e(row['requested_mwh'])} MWh, "
+            f"{row['capacity_mw']:g} MW, {_local(row['start'], row['end'])}</h3>"
+            f"<p>{_e(row['reason'])}. Requested {_e(row['requested_mwh'])} MWh, "
             f"delivered {_e(row['delivered_mwh'] or 'not measured')} MWh, performance "
             f"{_e(row['performance'] or '—')}, multiplier {_e(row['multiplier'] or '—')}, "
             f"utilisation £{paid}{status}"
