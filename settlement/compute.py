@@ -265,10 +265,13 @@ def delivered_energy(asset_periods: pl.DataFrame, instructions: pl.DataFrame,
                .with_columns(counted_mwh=pl.when(pl.col("positive_only"))
                              .then(pl.col("counted_mwh").clip(lower_bound=0))
                              .otherwise(pl.col("counted_mwh")))
-               .with_columns(counted_mwh=pl.when(pl.col("cap"))
+               # min_horizontal skips nulls: a half hour without a measurement must stay null
+               .with_columns(counted_mwh=pl.when(pl.col("cap") & pl.col("counted_mwh")
+                                                 .is_not_null())
                              .then(pl.min_horizontal("counted_mwh", "requested_mwh"))
                              .otherwise(pl.col("counted_mwh")))
-               .with_columns(paid_mwh=pl.min_horizontal("counted_mwh", "requested_mwh"))
+               .with_columns(paid_mwh=pl.when(pl.col("counted_mwh").is_not_null())
+                             .then(pl.min_horizontal("counted_mwh", "requested_mwh")))
                .drop("turn_up", "positive_only", "cap", "contract_id")
                .sort("instruction_id", "period_start"))
     return assets, periods

@@ -214,8 +214,8 @@ def _checked(frame: pl.DataFrame, book: ContractBook, month: str | None, tz: str
                         .otherwise(pl.lit("import")),
                         limit.round(3), limit * 2))
         .when(~in_month)
-        .then(pl.format("{} is outside {}", pl.col("start").dt.strftime("%Y-%m-%dT%H:%MZ"),
-                        pl.lit(month)))
+        .then(pl.format("period_start {} is outside {}",
+                        pl.col("start").dt.strftime("%Y-%m-%dT%H:%MZ"), pl.lit(month)))
         .otherwise(None),
     )
 
