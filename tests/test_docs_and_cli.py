@@ -68,16 +68,27 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
     assert "exec ./dev test" in (ROOT / ".ci/run").read_text()
 
 
-@pytest.mark.parametrize("command", ["serve", "send", "tail", "demo", "webhook-secret"])
-def test_dispatchd_help_describes_each_command(command: str) -> None:
-    """``dispatchd COMMAND --help`` exits 0 and lists its options."""
-    result = subprocess.run([sys.executable, "-m", "dispatchd.cli", command, "--help"],
+@pytest.mark.parametrize(("module", "command"), [
+    ("dispatchd.cli", "serve"), ("dispatchd.cli", "send"), ("dispatchd.cli", "tail"),
+    ("dispatchd.cli", "export"), ("dispatchd.cli", "demo"), ("dispatchd.cli", "webhook-secret"),
+    ("settlement.cli", "ingest"), ("settlement.cli", "run"),
+])
+def test_help_describes_each_command(module: str, command: str) -> None:
+    """``dispatchd COMMAND --help`` and ``settlement COMMAND --help`` exit 0 and list
+    their options, and the docs name the command."""
+    import importlib
+
+    result = subprocess.run([sys.executable, "-m", module, command, "--help"],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0
-    subparser = build_parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    parser = importlib.import_module(module).build_parser()
+    subparser = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
     for action in subparser._actions:
         for option in action.option_strings:
             assert option in result.stdout
+    docs = (ROOT / ("docs/settlement.md" if module.startswith("settlement")
+                    else "docs/dispatch.md")).read_text()
+    assert f"{module.split('.')[0]} {command}" in docs
 
 
 def test_serve_reports_a_bad_config_clearly(tmp_path: Path) -> None:
@@ -138,6 +149,19 @@ def test_webhook_secret_prints_a_usable_secret() -> None:
     result = subprocess.run([sys.executable, "-m", "dispatchd.cli", "webhook-secret"],
                             capture_output=True, text=True, check=True)
     assert len(secret_key(result.stdout.strip())) == 32
+
+
+def test_settlement_docs_name_every_log_column_and_rejection_reason() -> None:
+    from dispatchd.export import DISPATCH_LOG_SCHEMA
+    from tests.settlement.test_meterdata import BROKEN
+
+    docs = (ROOT / "docs/settlement.md").read_text()
+    for column in DISPATCH_LOG_SCHEMA:
+        assert f"`{column}`" in docs, column
+    for reason in set(BROKEN.values()) - {"merged"}:
+        field, _, words = reason.partition(" ")
+        phrase = words if field in ("period_start", "kwh", "flow", "quality") else reason
+        assert phrase in docs, reason
 
 
 def test_baseline_docs_name_every_preset_method_and_output_column() -> None:
