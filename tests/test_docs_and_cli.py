@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from dispatchd.cli import build_parser
 from dispatchd.config import Config, load_config
 from dispatchd.core.lifecycle import State
 from dispatchd.metrics import Metrics
