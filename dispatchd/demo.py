@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import websockets.asyncio.client
@@ -264,9 +265,50 @@ async def _run(out: Path, instructions: int, rate: float) -> int:
         try:
             sims = _simulators(book, channels, tokens["fsp"], broker, service.url, secrets,
                                hooks)
-            return await _exercise(book, tokens, sims, mailbox, service, instructions, rate)
+            status = await _exercise(book, tokens, sims, mailbox, service, instructions, rate)
         finally:
             service.stop()
+    return max(status, _settle(book, out))
+
+
+def _settle(book: ContractBook, out: Path) -> int:
+    """Export the month's dispatch log, generate the fleet's meter data, ingest, settle."""
+    from dispatchd.export import dispatch_log, write_dispatch_log
+    from settlement.demo import generate
+    from settlement.meterdata import ingest
+    from settlement.rules import pounds
+    from settlement.run import run
+
+    month = f"{dt.datetime.now(dt.UTC).astimezone(ZoneInfo('Europe/London')):%Y-%m}"
+    _say("")
+    _say(f"settlement of {month}")
+    log = dispatch_log(out / "journal.sqlite3", book, month)
+    log_path = out / f"dispatch-log-{month}.parquet"
+    write_dispatch_log(log, log_path)
+    _say(f"  dispatch log: {log.height} revisions of {int(log['latest'].sum())} instructions "
+         f"→ {log_path}")
+    started = time.monotonic()
+    files = generate(book, log, month, out / "meter-files")
+    dataset = out / "meter-data"
+    shutil.rmtree(dataset, ignore_errors=True)
+    quarantined = 0
+    for path in files:
+        intake = ingest(path, book, dataset, quarantine=out / "quarantine")
+        quarantined += intake.quarantined
+        for line in intake.summary().splitlines():
+            _say(f"  {line}")
+    result = run(book=book, contracts_path=out / "contracts.json", log_path=log_path,
+                 dataset=dataset, month=month, out=out / "settlement-runs")
+    lines = result.settlement.lines
+    payable = int(lines.filter(lines["status"] == "payable")["amount_pence"].sum())
+    held = int(lines.filter(lines["status"] == "held")["amount_pence"].sum())
+    _say(f"  {lines.height} invoice lines: payable £{pounds(payable)}, held £{pounds(held)}; "
+         f"{result.settlement.problems.height} blocking problem(s) listed with what to do "
+         f"({time.monotonic() - started:.1f}s)")
+    _say(f"  report: {result.directory / 'report.html'}")
+    ok = lines.height > 0 and quarantined > 0 and (result.directory / "report.html").exists()
+    _say("settlement " + ("completed" if ok else "FAILED: see above"))
+    return 0 if ok else 1
 
 
 def _simulators(book: ContractBook, channels: dict[str, tuple[Channel, ...]],
@@ -346,29 +388,29 @@ async def _report(sims: dict[str, ControlCentre], mailbox: _Mailbox,
     out_of_order = sum(s.out_of_order for s in sims.values())
     _say("")
     _say("summary")
-    _say(f"  revisions delivered to FSPs : {delivered} of {expected}")
-    _say(f"  re-sends ignored by FSPs    : {sum(s.duplicates for s in sims.values())} "
+    _say(f"  revisions delivered to FSPs     : {delivered} of {expected}")
+    _say(f"  re-sends ignored by FSPs        : {sum(s.duplicates for s in sims.values())} "
          "(duplicates carry the same id and revision)")
-    _say(f"  out-of-order revisions      : {out_of_order}")
+    _say(f"  out-of-order revisions          : {out_of_order}")
     for label, kind in (("MQTT", "FspSimulator"), ("websocket", "StreamFspSimulator"),
                         ("webhook", "WebhookFspSimulator")):
         values = by_kind.get(kind, [])
-        _say(f"  {'accepted → received (' + label + ')':<28}: "
+        _say(f"  {'accepted → received (' + label + ')':<32}: "
              f"p50 {percentile(values, 0.5):.1f} ms, p99 {percentile(values, 0.99):.1f} ms "
              f"({len(values)} revisions)")
     emailed = sum(mailbox.kinds[k] for k in ("instruct", "amend", "cancel"))
-    _say(f"  emails handed to SMTP       : {emailed} instructions, "
+    _say(f"  emails handed to SMTP           : {emailed} instructions, "
          f"{mailbox.kinds['escalation']} escalations")
-    _say("  SO streams saw              : " + ", ".join(
+    _say("  SO streams saw                  : " + ", ".join(
         f"{kind} {n}" for kind, n in sorted(so_events.items())))
-    _say("  instructions by state       : " + ", ".join(
+    _say("  instructions by state           : " + ", ".join(
         f"{state} {n}" for state, n in sorted(states.items())))
     async with httpx.AsyncClient() as client:
         metrics = (await client.get(f"{service.url}/metrics")).text
     for line in metrics.splitlines():
         if line.startswith("flexops_journal_batch_records_count"):
             batches = float(line.split()[-1])
-            _say(f"  journal transactions        : {batches:.0f} for "
+            _say(f"  journal transactions            : {batches:.0f} for "
                  f"{len(seen['accepted']) + 2} revisions and their events (group commit)")
     ok = (delivered == expected and out_of_order == 0 and states.get("expired", 0) > 0
           and so_events["escalated"] > 0 and mailbox.kinds["escalation"] > 0)
@@ -382,7 +424,9 @@ def run_demo(*, out: Path, instructions: int = 300, rate: float = 100.0) -> int:
         for name in ("journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm",
                      "dispatchd.log"):
             (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "mosquitto", ignore_errors=True)
+        for directory in ("mosquitto", "meter-files", "meter-data", "quarantine",
+                          "settlement-runs"):
+            shutil.rmtree(out / directory, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     try:
         return asyncio.run(_run(out, instructions, rate))

@@ -105,21 +105,30 @@ def test_serve_reports_a_bad_config_clearly(tmp_path: Path) -> None:
 @pytest.mark.service
 def test_demo_runs_and_reports(tmp_path: Path) -> None:
     """The demo, small: every revision delivered on every kind of channel, nothing out of
-    order, some expired and escalated by email."""
+    order, some expired and escalated by email; then the month's meter data generated,
+    ingested (defects quarantined) and settled, with a report."""
     result = subprocess.run(
         [sys.executable, "-m", "dispatchd.cli", "demo", "--out", str(tmp_path),
          "--instructions", "60", "--rate", "60"],
         capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "revisions delivered to FSPs : 62 of 62" in out
-    assert "out-of-order revisions      : 0" in out
+    assert re.search(r"revisions delivered to FSPs *: 62 of 62", out)
+    assert re.search(r"out-of-order revisions *: 0", out)
     assert re.search(r"expired [1-9]", out)
     assert re.search(r"accepted → received \(websocket\) *: p50", out)
     assert re.search(r"accepted → received \(webhook\) *: p50", out)
     assert re.search(r"emails handed to SMTP *: [1-9]\d* instructions, [1-9]\d* escalations", out)
     assert re.search(r"SO streams saw .*escalated [1-9]", out)
     assert "demo completed" in out
+    assert re.search(r"fleet-\d{4}-\d\d\.parquet: (\d+) rows in = \1 stored", out)
+    assert re.search(r"late-corrections-\S+: 6 rows in = 0 stored \+ 0 merged \+ 6 "
+                     r"quarantined", out)
+    report = re.search(r"report: (\S+report\.html)", out)
+    assert report is not None and Path(report[1]).exists()
+    assert re.search(r"invoice lines: payable £\d+\.\d\d, held £\d+\.\d\d; [1-9]\d* "
+                     r"blocking problem", out)
+    assert "settlement completed" in out
 
 
 @pytest.mark.broker
