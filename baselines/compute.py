@@ -50,6 +50,7 @@ OUTPUT_SCHEMA = {
     "local_date": pl.Date,
     "period": pl.Int32,
     "baseline_kwh": pl.Float64,
+    "metered_kwh": pl.Float64,
     "unadjusted_kwh": pl.Float64,
     "adjustment": pl.Float64,
     "method": pl.String,
@@ -173,6 +174,25 @@ class Dense:
         """``[A, D]``: mean of each day's readings (NaN for a day without any)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), np.nan)
+
+    def readings_at(self, asset: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """The readings of ``asset[i]`` in the half hours ``p[i]`` of the timeline (NaN
+        where there is none, or where the slot was not laid out)."""
+        day_of, slot_of, _, _ = self.timeline.grid
+        day, slot = day_of[p], slot_of[p]
+        long = self.long_index[day]
+        out = np.full(len(p), np.nan)
+        on_long = long >= 0
+        second = on_long & (slot >= SLOTS)
+        out[second] = self.repeated[asset[second], long[second], 1, slot[second] - SLOTS]
+        first = on_long & np.isin(slot, self.mirror)
+        which = np.where(slot == self.mirror[1], 1, 0)
+        out[first] = self.repeated[asset[first], long[first], 0, which[first]]
+        plain = ~second & ~first
+        k = self.compact[np.minimum(slot, SLOTS - 1)]
+        take = plain & (k >= 0)
+        out[take] = self.values[asset[take], day[take], k[take]]
+        return out
 
     def reading(self, asset: int, day: int, slot: int) -> float:
         """The reading at extended slot ``slot`` (48, 49: the repeated hour's second time)."""
@@ -627,8 +647,20 @@ def compute(
                 base[e] = base[e] + value if adjustment.kind == "additive" else base[e] * value
     if progress is not None:
         progress("compute baselines", len(ev.asset_id), len(ev.asset_id))
-    return _rows(ev, timeline, method, params, base, unadjusted, adjustments, days_used,
-                 eligible, flags)
+    metered = _event_readings(dense, ev, base.shape[1])
+    for e in np.flatnonzero(dense.estimated[ev.asset, ev.day] > 0):
+        flags[e].append("estimated_reads_on_event_day")
+    return _rows(ev, timeline, method, params, base, metered, unadjusted, adjustments,
+                 days_used, eligible, flags)
+
+
+def _event_readings(dense: Dense, ev: Events, width: int) -> np.ndarray:
+    """The metered kWh of every event half hour, ``[E, width]`` like the baselines."""
+    mask = np.arange(width)[None, :] < ev.length[:, None]
+    out = np.full(mask.shape, np.nan)
+    e_index, k = np.nonzero(mask)
+    out[mask] = dense.readings_at(ev.asset[e_index], ev.p0[e_index] + k)
+    return out
 
 
 def _needed_slots(ev: Events, timeline: Timeline, method: Method,
@@ -738,7 +770,8 @@ def _baselines(dense: Dense, ev: Events, method: Method,
 
 
 def _rows(ev: Events, timeline: Timeline, method: Method, params: str,
-          base: np.ndarray, unadjusted: np.ndarray, adjustments: np.ndarray,
+          base: np.ndarray, metered: np.ndarray, unadjusted: np.ndarray,
+          adjustments: np.ndarray,
           days_used: np.ndarray, eligible: np.ndarray, flags: list[list[str]]
           ) -> pl.DataFrame:
     """One row per event half hour, built column-wise."""
@@ -766,10 +799,12 @@ def _rows(ev: Events, timeline: Timeline, method: Method, params: str,
         "event": event_index,
         "period_start": pl.Series(starts).cast(pl.Datetime("us", "UTC")),
         "baseline_kwh": base[mask],
+        "metered_kwh": metered[mask],
         "unadjusted_kwh": unadjusted[mask],
     }).with_columns(
         pl.col("period_start").dt.convert_time_zone(timeline.tz).dt.date().alias("local_date"),
         pl.col("baseline_kwh").fill_nan(None),
+        pl.col("metered_kwh").fill_nan(None),
         pl.col("unadjusted_kwh").fill_nan(None),
     ).with_columns(
         ((pl.col("period_start") - local_midnight).dt.total_minutes() // 30 + 1)

@@ -192,41 +192,45 @@ def baselines_and_meters(requested: pl.DataFrame, instructions: pl.DataFrame,
                            calendar=calendar, tz=tz, progress=progress)
         except BaselineInputError as exc:  # a bug of ours: events are built above
             raise RuntimeError(f"baseline events refused: {exc}") from exc
+        # The baselines read every event half hour's meter reading in the same pass.
         found.append(rows.select("asset_id", pl.col("event_id").alias("instruction_id"),
-                                 "period_start", "baseline_kwh", "method", "flags"))
+                                 "period_start", "baseline_kwh", "metered_kwh", "method",
+                                 "flags"))
     base = pl.concat(found) if found else pl.DataFrame(schema={
         "asset_id": pl.String, "instruction_id": pl.String, "period_start": UTC_TS,
-        "baseline_kwh": pl.Float64, "method": pl.String, "flags": pl.String})
-    metered = (readings.join(requested.select("asset_id", pl.col("period_start").alias("start"))
-                             .unique().lazy(), on=["asset_id", "start"], how="semi")
-               .select("asset_id", pl.col("start").alias("period_start"),
-                       pl.col("kwh").alias("metered_kwh"), "estimated")
-               .collect())
+        "baseline_kwh": pl.Float64, "metered_kwh": pl.Float64, "method": pl.String,
+        "flags": pl.String})
     joined = (requested.join(base, on=["instruction_id", "asset_id", "period_start"],
                              how="left")
-              .join(metered, on=["asset_id", "period_start"], how="left")
-              .with_columns(estimated=pl.col("estimated").fill_null(False)))
-    for (instruction_id, asset_id, contract_id), part in joined.join(
-            instructions.select(pl.col("id").alias("instruction_id"), "contract_id"),
-            on="instruction_id").group_by("instruction_id", "asset_id", "contract_id",
-                                          maintain_order=True):
-        if part["metered_kwh"].null_count() == part.height:
+              .with_columns(estimated=pl.col("flags").fill_null("")
+                            .str.contains("estimated_reads_on_event_day")))
+    gaps = (joined.group_by("instruction_id", "asset_id")
+            .agg(periods=pl.len(), no_reading=pl.col("metered_kwh").null_count(),
+                 no_baseline=pl.col("baseline_kwh").null_count(),
+                 flags=pl.col("flags").drop_nulls().unique().sort().str.join(";"))
+            .filter((pl.col("no_reading") > 0) | (pl.col("no_baseline") > 0))
+            .join(instructions.select(pl.col("id").alias("instruction_id"), "contract_id"),
+                  on="instruction_id")
+            .sort("instruction_id", "asset_id"))
+    for g in gaps.iter_rows(named=True):
+        where = (g["contract_id"], g["instruction_id"], g["asset_id"])
+        if g["no_reading"] == g["periods"]:
             problems.append(Problem(
-                "no_meter_data", str(contract_id), str(instruction_id), str(asset_id),
-                f"no meter data for asset {asset_id} in any of the instruction's "
-                f"{part.height} half hours",
+                "no_meter_data", *where,
+                f"no meter data for asset {g['asset_id']} in any of the instruction's "
+                f"{g['periods']} half hours",
                 "ingest the FSP's meter data for those days (settlement ingest), then re-run"))
-        elif part["metered_kwh"].null_count():
+        elif g["no_reading"]:
             problems.append(Problem(
-                "missing_meter_data", str(contract_id), str(instruction_id), str(asset_id),
-                f"asset {asset_id} has no reading for {part['metered_kwh'].null_count()} of "
-                f"the instruction's {part.height} half hours",
+                "missing_meter_data", *where,
+                f"asset {g['asset_id']} has no reading for {g['no_reading']} of the "
+                f"instruction's {g['periods']} half hours",
                 "ingest the missing readings, then re-run"))
-        if part["baseline_kwh"].null_count():
-            flags = ";".join(sorted({f for f in part["flags"].drop_nulls().to_list() if f}))
+        if g["no_baseline"]:
+            flags = ";".join(sorted({f for f in (g["flags"] or "").split(";") if f}))
             problems.append(Problem(
-                "no_baseline", str(contract_id), str(instruction_id), str(asset_id),
-                f"no baseline for asset {asset_id} ({flags or 'no history'})",
+                "no_baseline", *where,
+                f"no baseline for asset {g['asset_id']} ({flags or 'no history'})",
                 "ingest enough history before the event (the baseline method's lookback), "
                 "or agree another baseline method for the contract, then re-run"))
     return joined.sort("instruction_id", "asset_id", "period_start"), problems

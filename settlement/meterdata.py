@@ -336,18 +336,34 @@ def dataset_files(dataset: Path, months: Iterable[str]) -> list[Path]:
             for p in sorted((dataset / f"month={m}").glob("part-*.parquet"))]
 
 
-def readings(dataset: Path, months: Iterable[str]) -> pl.LazyFrame:
+def readings(dataset: Path, months: Iterable[str], *,
+             exporters: Iterable[str] | None = None) -> pl.LazyFrame:
     """The baselines' readings frame: one row per asset and half hour, ``kwh`` = import −
-    export (export negative), ``estimated`` if any part of it was."""
+    export (export negative), ``estimated`` if any part of it was.
+
+    Netting import and export takes a group-by. Given ``exporters`` (the assets that can
+    export: ``export_kw > 0``), only their rows are grouped; every other asset's import
+    rows stream straight through (the intake lets such an asset report export only as 0).
+    """
     files = dataset_files(dataset, months)
     if not files:
         return pl.LazyFrame(schema={"asset_id": pl.String, "start": UTC_TS, "kwh": pl.Float64,
                                     "estimated": pl.Boolean})
-    return (pl.scan_parquet(files)
-            .group_by("asset_id", "start")
-            .agg(kwh=pl.when(pl.col("flow") == "export").then(-pl.col("kwh"))
-                 .otherwise(pl.col("kwh")).sum(),
-                 estimated=pl.col("estimated").any()))
+    scan = pl.scan_parquet(files)
+    signed = pl.when(pl.col("flow") == "export").then(-pl.col("kwh")).otherwise(pl.col("kwh"))
+
+    def netted(rows: pl.LazyFrame) -> pl.LazyFrame:
+        return rows.group_by("asset_id", "start").agg(
+            kwh=signed.sum(), estimated=pl.col("estimated").any())
+
+    if exporters is None:
+        return netted(scan)
+    exporting = pl.Series(sorted(set(exporters)), dtype=pl.String)
+    plain = scan.filter(~pl.col("asset_id").is_in(exporting) & (pl.col("flow") == "import")) \
+        .select("asset_id", "start", "kwh", "estimated")
+    if exporting.is_empty():
+        return plain
+    return pl.concat([plain, netted(scan.filter(pl.col("asset_id").is_in(exporting)))])
 
 
 def months_between(first: dt.date, last: dt.date) -> list[str]:

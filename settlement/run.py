@@ -159,8 +159,9 @@ def run(*, book: ContractBook, contracts_path: Path, log_path: Path, dataset: Pa
         },
         "code": code_version(),
     }
-    result = settle(book, log, readings(dataset, months), month, tz=tz, calendar=calendar,
-                    progress=progress)
+    exporters = [a.id for a in book.assets.values() if a.export_kw > 0]
+    result = settle(book, log, readings(dataset, months, exporters=exporters), month, tz=tz,
+                    calendar=calendar, progress=progress)
     month_dir = out / month
     month_dir.mkdir(parents=True, exist_ok=True)
     existing = _versions(month_dir)

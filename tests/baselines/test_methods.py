@@ -250,6 +250,28 @@ def test_clocks_back_event_day_has_its_repeated_hour_twice() -> None:
     assert "clock_change_day:50_periods" in str(one(out, "flags"))
 
 
+def test_metered_readings_come_with_each_event_half_hour() -> None:
+    """Across the clocks-back repeated hour each period carries its own reading (the two
+    01:00s apart), with a half hour missing left null; the event day's estimated reads are
+    flagged."""
+    def value(day: dt.date, start: dt.datetime) -> float | None:
+        if day == dt.date(2026, 10, 25):
+            minute = int(start.timestamp() // 60) % 10_000
+            return None if start == dt.datetime(2026, 10, 25, 1, 30, tzinfo=dt.UTC) \
+                else float(minute)
+        return 1.0
+
+    data = readings(value, first=dt.date(2026, 10, 1), days=26,
+                    estimated=lambda d: d == dt.date(2026, 10, 25))
+    start = dt.datetime(2026, 10, 25, 0, tzinfo=dt.UTC)
+    out = compute(data, event(start, 120), XofY(x=3, y=3, select="all"))
+    expected = [float(int((start + i * dt.timedelta(minutes=30)).timestamp() // 60) % 10_000)
+                for i in range(4)]
+    expected[3] = None  # 01:30 UTC (the second 01:30 local) was not read
+    assert out["metered_kwh"].to_list() == expected
+    assert "estimated_reads_on_event_day" in str(one(out, "flags"))
+
+
 def test_clocks_forward_event_day_has_46_periods() -> None:
     """Event Sun 29 Mar 2026 00:00–02:00 UTC = 00:00 GMT to 03:00 BST: four periods,
     labels 1–4, local clock slots 0, 1, 4, 5 (01:00–02:00 does not exist)."""

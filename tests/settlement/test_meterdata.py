@@ -136,6 +136,8 @@ def test_export_is_netted_against_import_for_baselines(tmp_path: Path) -> None:
                       "M-A3,2026-10-01T12:00:00Z,30,export\n")
     ingest(source, market, tmp_path / "dataset", quarantine=tmp_path / "q")
     assert readings(tmp_path / "dataset", ["2026-10"]).collect()["kwh"].to_list() == [-20.0]
+    netted = readings(tmp_path / "dataset", ["2026-10"], exporters=["A3"]).collect()
+    assert netted["kwh"].to_list() == [-20.0]
 
 
 @pytest.mark.parametrize("content", ["meter_id,kwh\nM-A1,1\n", "\x00\x01garbage"])
