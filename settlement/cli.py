@@ -74,11 +74,13 @@ class _Progress:
         self._last = 0.0
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        """``total`` 0 means unknown: the count alone is shown."""
         now = time.monotonic()
-        if done < total and now - self._last < 1.0:
+        if (total == 0 or done < total) and now - self._last < 1.0:
             return
         self._last = now
-        print(f"  {stage}: {done}/{total}", file=sys.stderr, flush=True)
+        shown = f"{done:,}" if total == 0 else f"{done:,}/{total:,}"
+        print(f"  {stage}: {shown}", file=sys.stderr, flush=True)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

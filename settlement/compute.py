@@ -24,6 +24,7 @@ Energy is float64 through step 4; from step 5 on, quantities become exact decima
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from baselines.compute import BaselineInputError, compute
 from baselines.methods import describe
 from baselines.periods import HALF_HOUR, zone
 from contracts.io import ContractBook
-from contracts.model import Contract, Direction
+from contracts.model import Contract, Direction, ServiceWindow
 from dispatchd.export import month_bounds
 from settlement.rules import baseline_method, exact, pence, quantity
 
@@ -343,18 +344,26 @@ def _penalty(contract: Contract, requested: Decimal, delivered: Decimal) -> Deci
 # ---------------------------------------------------------------------------- 6. availability
 
 
-def _occurrences(contract: Contract, month: str) -> list[tuple[dt.datetime, dt.datetime]]:
+def _occurrences(contract: Contract, month: str) -> tuple[tuple[dt.datetime, dt.datetime], ...]:
     """Every service-window occurrence starting on a local day of ``month`` (UTC)."""
+    return _window_occurrences(contract.windows, contract.timezone, contract.start_date,
+                               contract.end_date, month)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_occurrences(windows: tuple[ServiceWindow, ...], tz: str, start_date: dt.date,
+                        end_date: dt.date, month: str
+                        ) -> tuple[tuple[dt.datetime, dt.datetime], ...]:
+    """Contracts sharing their windows and dates share this (markets reuse window sets)."""
     first = dt.date.fromisoformat(f"{month}-01")
     after = (first.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
-    local = zone(contract.timezone)
+    local = zone(tz)
     found = []
-    day = max(first, contract.start_date)
-    last = min(after - dt.timedelta(days=1), contract.end_date)
+    day = max(first, start_date)
+    last = min(after - dt.timedelta(days=1), end_date)
     while day <= last:
-        for window in contract.windows:
-            lo, hi = window.start_date or contract.start_date, window.end_date or \
-                contract.end_date
+        for window in windows:
+            lo, hi = window.start_date or start_date, window.end_date or end_date
             if not lo <= day <= hi or ("mon", "tue", "wed", "thu", "fri", "sat",
                                        "sun")[day.weekday()] not in window.days:
                 continue
@@ -363,7 +372,7 @@ def _occurrences(contract: Contract, month: str) -> list[tuple[dt.datetime, dt.d
                           dt.datetime.combine(end_day, window.end_time, local)
                           .astimezone(dt.UTC)))
         day += dt.timedelta(days=1)
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def availability(book: ContractBook, instructions: pl.DataFrame, month: str, tz: str
@@ -385,7 +394,7 @@ def availability(book: ContractBook, instructions: pl.DataFrame, month: str, tz:
         rule = contract.availability
         for start, end in _occurrences(contract, month):
             cuts = sorted({start, end} | {t for d in declarations for t in (d.start, d.end)
-                                          if start < t < end})
+                                          if start < t < end}) if declarations else (start, end)
             mw_hours = Decimal(0)
             declared_any = False
             for a, b in itertools.pairwise(cuts):

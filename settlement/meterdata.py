@@ -358,11 +358,12 @@ def readings(dataset: Path, months: Iterable[str], *,
 
     if exporters is None:
         return netted(scan)
-    exporting = pl.Series(sorted(set(exporters)), dtype=pl.String)
+    exporting = sorted(set(exporters))
+    if not exporting:
+        return scan.filter(pl.col("flow") == "import").select("asset_id", "start", "kwh",
+                                                               "estimated")
     plain = scan.filter(~pl.col("asset_id").is_in(exporting) & (pl.col("flow") == "import")) \
         .select("asset_id", "start", "kwh", "estimated")
-    if exporting.is_empty():
-        return plain
     return pl.concat([plain, netted(scan.filter(pl.col("asset_id").is_in(exporting)))])
 
 

@@ -103,11 +103,14 @@ def _totals(lines: pl.DataFrame) -> list[list[Any]]:
     return rows
 
 
-def _events(s: Settlement, fsp: str | None, turn_up: dict[str, bool]) -> str:
-    out = []
+def event_blocks(s: Settlement, turn_up: dict[str, bool]) -> dict[str, str]:
+    """The HTML block of every settled or failed dispatch, by instruction id, in the order
+    of their start. Pages share them: each is built once."""
+    out: dict[str, str] = {}
     instructions = s.instructions.filter(pl.col("status").is_in(["settle", "failed"]))
-    if fsp is not None:
-        instructions = instructions.filter(pl.col("fsp") == fsp)
+    by_instruction = s.periods.partition_by("instruction_id", as_dict=True) \
+        if s.periods.height else {}
+    empty = s.periods.clear()
     flags_by: dict[str, str] = {}
     for r in s.asset_periods.select("instruction_id", "flags").unique().iter_rows(named=True):
         found = {f for f in (r["flags"] or "").split(";") if f}
@@ -118,14 +121,14 @@ def _events(s: Settlement, fsp: str | None, turn_up: dict[str, bool]) -> str:
     amounts = {r["instruction_id"]: r for r in s.lines.filter(pl.col("kind") == "utilisation")
                .iter_rows(named=True)}
     for row in instructions.sort("start", "id").iter_rows(named=True):
-        periods = s.periods.filter(pl.col("instruction_id") == row["id"])
+        periods = by_instruction.get((row["id"],), empty)
         line = amounts.get(row["id"])
         paid = pounds(line["amount_pence"]) if line else "—"
         status = f" <span class='held'>held: {_e(line['hold_reason'])}</span>" \
             if line and line["status"] == "held" else ""
         flags = flags_by.get(row["id"]) or ""
         problem = problems.get(row["id"])
-        out.append(
+        out[row["id"]] = (
             f"<div class='event' id='event-{_e(row['id'])}'><h3>{_e(row['id'])} — "
             f"{_e(row['contract_id'])} ({_e(row['fsp'])}), {_e(row['direction'])} "
             f"{row['capacity_mw']:g} MW, {_local(row['start'], row['end'])}</h3>"
@@ -143,12 +146,15 @@ def _events(s: Settlement, fsp: str | None, turn_up: dict[str, bool]) -> str:
             + (f"<p class='flags'>{_e(problem['detail'])}: {_e(problem['action'])}</p>"
                if problem else "")
             + "</div>")
-    return "".join(out) or "<p>No dispatches to settle.</p>"
+    return out
 
 
 def render(s: Settlement, *, title: str, turn_up: dict[str, bool], fsp: str | None = None,
-           diff: pl.DataFrame | None = None, manifest: dict[str, Any] | None = None) -> str:
-    """The report page of a run (``fsp``: only that FSP's lines and events)."""
+           diff: pl.DataFrame | None = None, manifest: dict[str, Any] | None = None,
+           events: dict[str, str] | None = None) -> str:
+    """The report page of a run (``fsp``: only that FSP's lines and events); ``events``
+    are the :func:`event_blocks` when the caller renders several pages."""
+    events = events if events is not None else event_blocks(s, turn_up)
     lines = s.lines if fsp is None else s.lines.filter(pl.col("fsp") == fsp)
     if fsp is None:
         problems = s.problems
@@ -190,7 +196,10 @@ def render(s: Settlement, *, title: str, turn_up: dict[str, bool], fsp: str | No
     excluded = s.instructions.filter(~pl.col("status").is_in(["settle", "failed"]))
     if fsp is not None:
         excluded = excluded.filter(pl.col("fsp") == fsp)
-    parts.append("<h2>Dispatches</h2>" + _events(s, fsp, turn_up))
+    mine = set(s.instructions.filter(pl.col("fsp") == fsp)["id"].to_list()) \
+        if fsp is not None else None
+    shown = [block for iid, block in events.items() if mine is None or iid in mine]
+    parts.append("<h2>Dispatches</h2>" + ("".join(shown) or "<p>No dispatches to settle.</p>"))
     if excluded.height:
         parts.append("<h2>Not settled</h2>" + _table(
             ["instruction", "contract", "why"],

@@ -29,7 +29,7 @@ from contracts.model import Direction
 from dispatchd.export import DISPATCH_LOG_SCHEMA
 from settlement.compute import Settlement, settle
 from settlement.meterdata import dataset_files, months_between, readings
-from settlement.report import render
+from settlement.report import event_blocks, render
 from settlement.rules import pounds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,15 +215,16 @@ def _write(directory: Path, s: Settlement, manifest: dict[str, Any],
     if diff is not None:
         _write_csv(diff, directory / "diff.csv")
     turn_up = {c.id: c.direction is Direction.TURN_UP for c in book.contracts.values()}
+    events = event_blocks(s, turn_up)
     (directory / "report.html").write_text(render(
         s, title=f"Settlement {manifest['month']} ({manifest['version']})", turn_up=turn_up,
-        diff=diff, manifest=manifest), encoding="utf-8")
+        diff=diff, manifest=manifest, events=events), encoding="utf-8")
     fsp_dir = directory / "fsp"
     fsp_dir.mkdir()
     for fsp in sorted(set(s.lines["fsp"].to_list()) | set(s.instructions["fsp"].to_list())):
         (fsp_dir / f"{fsp}.html").write_text(render(
             s, title=f"Settlement {manifest['month']} ({manifest['version']}) — {fsp}",
-            turn_up=turn_up, fsp=fsp, manifest=manifest), encoding="utf-8")
+            turn_up=turn_up, fsp=fsp, manifest=manifest, events=events), encoding="utf-8")
     manifest["outputs"] = {str(p.relative_to(directory)): sha256(p)
                            for p in sorted(directory.rglob("*")) if p.is_file()}
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True)
