@@ -151,6 +151,16 @@ def test_channel_benchmark_runs() -> None:
     assert "memory per idle connection" in result.stdout and "messages/s" in result.stdout
 
 
+def test_settlement_benchmark_runs(tmp_path: Path) -> None:
+    """The settlement benchmark runs at a small size and prints its ratio and memory."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench/bench_settlement.py"),
+                             "--assets", "400", "--data", str(tmp_path / "data")],
+                            capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "settlement run 2026-10" in result.stdout
+    assert re.search(r"ratio [\d.]+× \(target ≤ 3×\); peak", result.stdout)
+
+
 def test_webhook_secret_prints_a_usable_secret() -> None:
     from dispatchd.webhooks import secret_key
 
