@@ -1,4 +1,5 @@
-"""The ``dispatchd`` command: serve, send, tail, export, demo, webhook-secret."""
+"""The ``dispatchd`` command: serve, send, tail, export, demo, webhook-secret,
+broker-config."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ examples:
   dispatchd export --config demo/config.toml --month 2026-10
   dispatchd demo
   dispatchd webhook-secret
+  dispatchd broker-config --config market/config.toml --out broker
 
 The client commands (send, tail) read the service URL from --url or FLEXOPS_URL
 (default http://127.0.0.1:8080) and the bearer token from --token or FLEXOPS_TOKEN.
@@ -122,6 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Print a new random secret in the Standard Webhooks form "
                    "(whsec_ + base64). Put it in the environment variable that the FSP's "
                    "webhook_secret_env names, and give it to the FSP to verify signatures.")
+    broker = sub.add_parser(
+        "broker-config", help="write Mosquitto accounts and ACLs from the contracts data",
+        description="Write mosquitto.conf, a hashed password file, an ACL and "
+        "credentials.json (mode 600) into --out: one account per FSP on the MQTT channel, "
+        "allowed to read only its own instructions and errors and write only its own acks, "
+        "and one for dispatchd. Running again keeps existing passwords. Then start "
+        "mosquitto -c OUT/mosquitto.conf, set mqtt.username and mqtt.password_env for "
+        "dispatchd, and give each FSP its entry of credentials.json.")
+    broker.add_argument("--config", required=True, type=Path,
+                        help="the dispatchd configuration (contracts, topic prefix)")
+    broker.add_argument("--out", required=True, type=Path, help="directory to write into")
+    broker.add_argument("--listen", default="127.0.0.1:1883", metavar="HOST:PORT",
+                        help="the broker's listener (default 127.0.0.1:1883)")
+    broker.add_argument("--persistence-dir", type=Path,
+                        help="where Mosquitto keeps sessions (default OUT/data)")
+    broker.add_argument("--tls-cert", type=Path, help="certificate file: a TLS listener")
+    broker.add_argument("--tls-key", type=Path, help="its private key")
+    broker.add_argument("--tls-ca", type=Path, help="CA file, to ask clients for certificates")
+    broker.add_argument("--broker-user", default="mosquitto",
+                        help="the user Mosquitto runs as when started as root (default "
+                        "mosquitto); it must own the written files")
     return parser
 
 
@@ -238,6 +261,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_broker_config(args: argparse.Namespace) -> int:
+    from contracts.io import ContractsFileError, load_contracts
+    from dispatchd.brokerconfig import BrokerConfigError, Tls, write_broker_config
+    from dispatchd.config import ConfigError, load_config
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("dispatchd: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    tls = Tls(args.tls_cert.resolve(), args.tls_key.resolve(),
+              args.tls_ca.resolve() if args.tls_ca else None) if args.tls_cert else None
+    try:
+        config = load_config(args.config)
+        book = load_contracts(config.service.contracts)
+        files = write_broker_config(book, config, args.out, listen=args.listen,
+                                    persistence_dir=args.persistence_dir, tls=tls,
+                                    broker_user=args.broker_user)
+    except (ConfigError, ContractsFileError, BrokerConfigError) as exc:
+        print(f"dispatchd: {exc}", file=sys.stderr)
+        return 2
+    print(f"{files.conf}: {len(files.accounts) - 1} FSP accounts and dispatchd's "
+          f"({files.accounts['dispatchd']})")
+    print(f"  start the broker:  mosquitto -c {files.conf}")
+    print(f"  dispatchd config:  [mqtt] username = \"{files.accounts['dispatchd']}\", "
+          "password_env = \"FLEXOPS_MQTT_PASSWORD\"")
+    print(f"  passwords (mode 600, hand each FSP its own): {files.credentials}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from contracts.io import ContractsFileError, load_contracts
     from dispatchd.config import ConfigError, load_config
@@ -271,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     if args.command == "export":
         return cmd_export(args)
+    if args.command == "broker-config":
+        return cmd_broker_config(args)
     if args.command == "webhook-secret":
         from dispatchd.webhooks import new_secret
 

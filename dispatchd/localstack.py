@@ -89,12 +89,18 @@ class LocalMosquitto(_Child):
     simulate a crash. ``persistence`` keeps queued QoS 1 messages across restarts."""
 
     def __init__(self, *, port: int | None = None, persistence: bool = True,
-                 directory: Path | None = None, max_queued: int = 100_000) -> None:
+                 directory: Path | None = None, max_queued: int = 100_000,
+                 config: Path | None = None) -> None:
+        """``config``: run this configuration file as it is (its listener must be on
+        ``port``) instead of writing an open one."""
         self.port = port or free_port()
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="flexops-mqtt-")
         self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.directory / "mosquitto.conf"
+        self.config_path = config or self.directory / "mosquitto.conf"
+        self._log = open(self.directory / "mosquitto.log", "ab")  # noqa: SIM115
+        if config is not None:
+            return
         self.config_path.write_text("\n".join([
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
@@ -109,7 +115,6 @@ class LocalMosquitto(_Child):
             "log_type warning",
             "",
         ]))
-        self._log = open(self.directory / "mosquitto.log", "ab")  # noqa: SIM115
 
     @property
     def url(self) -> str:

@@ -70,6 +70,7 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
 @pytest.mark.parametrize(("module", "command"), [
     ("dispatchd.cli", "serve"), ("dispatchd.cli", "send"), ("dispatchd.cli", "tail"),
     ("dispatchd.cli", "export"), ("dispatchd.cli", "demo"), ("dispatchd.cli", "webhook-secret"),
+    ("dispatchd.cli", "broker-config"),
     ("settlement.cli", "ingest"), ("settlement.cli", "run"),
 ])
 def test_help_describes_each_command(module: str, command: str) -> None:
