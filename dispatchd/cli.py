@@ -9,6 +9,7 @@ import datetime as dt
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run dispatchd: check every FSP's channel settings, "
                            "replay the journal, re-send anything unacknowledged, then serve the "
                            "HTTP API and websocket streams and deliver over MQTT, email and "
-                           "webhooks. Exit status 2 on a configuration problem.")
+                           "webhooks. SIGHUP re-reads [[auth.principals]] from the config "
+                           "file (token rotation without a restart). Exit status 2 on a "
+                           "configuration problem.")
     serve.add_argument("--config", required=True, type=Path,
                        help="TOML configuration (see docs/configuration.md)")
     serve.add_argument("--listen", metavar="HOST:PORT", help="overrides service.listen")
@@ -249,6 +252,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         service = Service(config, book)
+        loop = asyncio.get_running_loop()
+
+        def reload_tokens() -> None:
+            """SIGHUP: read [auth] again from the config file (tokens rotate without a
+            restart); a config that no longer loads leaves the current tokens in place."""
+            try:
+                fresh = load_config(args.config, listen=args.listen, mqtt=args.mqtt)
+            except ConfigError as exc:
+                logging.getLogger("dispatchd").error("SIGHUP: tokens kept: %s", exc)
+                return
+            service.replace_principals(fresh.auth.principals)
+
+        loop.add_signal_handler(signal.SIGHUP, reload_tokens)
         await service.run()
 
     try:

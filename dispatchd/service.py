@@ -16,7 +16,7 @@ import random
 import secrets
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,7 +38,7 @@ from dispatchd.channels.mqtt import MqttChannel, Outgoing
 from dispatchd.channels.settings import check_channels
 from dispatchd.channels.stream import StreamHub
 from dispatchd.channels.webhook import OutgoingWebhook, WebhookChannel
-from dispatchd.config import Config, mqtt_password, secret_from_env, token_digest
+from dispatchd.config import Config, Principal, mqtt_password, secret_from_env, token_digest
 from dispatchd.core.engine import (
     Action,
     Decision,
@@ -421,8 +421,15 @@ class Service:
 
     # ------------------------------------------------------------------ requests
 
+    def replace_principals(self, principals: Iterable[Principal]) -> None:
+        """Swap the accepted tokens at once (rotation without a restart): requests already
+        authenticated finish; the next request sees only the new set."""
+        self._callers = {p.token_sha256: Caller(p.role, p.id) for p in principals}
+        log.info("tokens replaced: %d principals", len(self._callers))
+
     def authenticate(self, token: str | None) -> Caller | None:
-        """The caller a bearer token belongs to, or None."""
+        """The caller a bearer token belongs to, or None. Only SHA-256 digests are kept;
+        a token is looked up by its digest, so no stored secret is compared with it."""
         if not token:
             return None
         return self._callers.get(token_digest(token))
