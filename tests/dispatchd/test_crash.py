@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from tests.dispatchd.conftest import instruction
 
 pytestmark = [pytest.mark.broker, pytest.mark.service]
 
-ROUNDS = 4
-PER_ROUND = 150
+ROUNDS = int(os.environ.get("FLEXOPS_FAULT_ROUNDS", "50"))
+"""kill -9 rounds; FLEXOPS_FAULT_ROUNDS sets more (or fewer) for a longer (or shorter) run."""
+PER_ROUND = 60
 
 
 async def _monitor(port: int, seen: list[tuple[str, int]], ready: asyncio.Event) -> None:
@@ -67,8 +69,8 @@ async def _burst(url: str, tokens: dict[str, str], contracts: list[Any], prefix:
 
 
 def test_every_202_reaches_its_fsp_across_kill_9(tmp_path: Path) -> None:
-    """Rounds of kill -9 during a burst, with the broker up or down: every 202'd id is
-    delivered after the restart, and only ever as revision 0."""
+    """Rounds of kill -9 at a random point of a burst, with the broker up or down on
+    alternate rounds: every 202'd id is delivered after the restart, only as revision 0."""
     book = small_book(today=None)
     dump_contracts(book, tmp_path / "contracts.json")
     tokens = write_sample_config(book, tmp_path)["so"]
@@ -89,8 +91,9 @@ def test_every_202_reaches_its_fsp_across_kill_9(tmp_path: Path) -> None:
                     broker.kill()
                 await asyncio.to_thread(service.start)
                 before = len(accepted)
+                kill_after = random.Random(round_).randint(1, PER_ROUND)
                 await _burst(service.url, tokens, contracts, f"r{round_}", accepted,
-                             before + PER_ROUND // 2, service.kill)
+                             before + kill_after, service.kill)
                 service.kill()
                 assert len(accepted) > before, "the burst got no 202 before the kill"
                 if round_ % 2:
@@ -108,4 +111,46 @@ def test_every_202_reaches_its_fsp_across_kill_9(tmp_path: Path) -> None:
     with LocalMosquitto() as broker:
         asyncio.run(scenario(broker))
     assert {revision for _, revision in seen} == {0}
-    assert len(accepted) >= ROUNDS * PER_ROUND // 2
+    assert len(accepted) >= ROUNDS
+    print(f"\nkill -9 rounds {ROUNDS}: accepted {len(accepted)}, delivered "
+          f"{len(accepted & {i for i, _ in seen})}, lost 0, duplicate deliveries "
+          f"{len(seen) - len({i for i, _ in seen})} (same id and revision)")
+
+
+@pytest.mark.parametrize("persistence", [True, False], ids=["persistent", "in-memory"])
+def test_every_202_reaches_its_fsp_across_a_broker_kill_mid_burst(
+        tmp_path: Path, persistence: bool) -> None:
+    """kill -9 of the broker while instructions pour in, then a restart (with or without
+    its persistence): dispatchd re-sends from its journal until each 202'd id arrives."""
+    book = small_book(today=None)
+    dump_contracts(book, tmp_path / "contracts.json")
+    tokens = write_sample_config(book, tmp_path)["so"]
+    contracts = [c for c in book.contracts.values() if c.service in ("dynamic", "restore")]
+    accepted: set[str] = set()
+    seen: list[tuple[str, int]] = []
+
+    async def scenario(broker: LocalMosquitto) -> None:
+        ready = asyncio.Event()
+        monitor = asyncio.create_task(_monitor(broker.port, seen, ready))
+        await asyncio.wait_for(ready.wait(), 5)
+        service = DispatchdProcess(tmp_path / "config.toml", mqtt_url=broker.url)
+        await asyncio.to_thread(service.start)
+        try:
+            for round_ in range(3):
+                await _burst(service.url, tokens, contracts, f"b{round_}", accepted,
+                             len(accepted) + 40, broker.kill)
+                await asyncio.sleep(0.5)
+                broker.start()
+            delivered = await wait_for(lambda: accepted <= {i for i, _ in seen}, 60)
+            missing = accepted - {i for i, _ in seen}
+            assert delivered, f"{len(missing)} accepted instructions never arrived"
+        finally:
+            service.stop()
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
+
+    with LocalMosquitto(persistence=persistence) as broker:
+        asyncio.run(scenario(broker))
+    assert {revision for _, revision in seen} == {0}
+    print(f"\nbroker kill -9 x3 (persistence {persistence}): accepted {len(accepted)}, "
+          f"delivered {len(accepted & {i for i, _ in seen})}, lost 0")
