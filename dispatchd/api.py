@@ -19,9 +19,11 @@ from urllib.parse import parse_qs
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dispatchd.core.engine import InstructionView
 from dispatchd.core.instruction import (
@@ -35,7 +37,8 @@ from dispatchd.core.validation import Problem
 from dispatchd.service import Caller, Refusal, Service
 
 _TITLES = {
-    401: "not authenticated", 403: "not allowed", 404: "not found", 409: "conflict",
+    401: "not authenticated", 403: "not allowed", 404: "not found", 405: "method not allowed",
+    409: "conflict",
     422: "invalid request", 503: "temporarily unavailable",
 }
 
@@ -172,6 +175,26 @@ def create_app(service: Service) -> Any:
     async def _refused(request: Request, exc: Refusal) -> JSONResponse:
         service.metrics.refused.labels(request.url.path.split("/")[-1], str(exc.status)).inc()
         return _error(exc.status, exc.problems, retry_after=exc.retry_after)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """The framework's own refusals, in the API's error shape: a body that is not JSON
+        is a 422 like any other invalid body; a wrong method lists every allowed one."""
+        if exc.status_code == 400:
+            service.metrics.refused.labels(request.url.path.split("/")[-1], "422").inc()
+            return _error(422, (Problem("body", "the body is not valid JSON"),))
+        if exc.status_code == 405:
+            allowed = sorted({m for route in app.routes
+                              if isinstance(route, APIRoute)
+                              and route.path_regex.match(request.url.path)
+                              for m in route.methods})
+            response = JSONResponse(
+                {"error": "method not allowed", "problems": [{
+                    "field": "method", "reason": f"{request.method} is not allowed here; "
+                    f"use {', '.join(allowed)}", "overridable": False}]},
+                status_code=405, headers={"Allow": ", ".join(allowed)})
+            return response
+        return _error(exc.status_code, (Problem("path", str(exc.detail)),))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
