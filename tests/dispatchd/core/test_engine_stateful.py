@@ -1,4 +1,5 @@
-"""Stateful property test of the engine over a journal, crashes included."""
+"""Stateful property test of the engine over a journal: crashes, and the broker going away
+(sends made while it is down reach nobody) included."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class DispatchMachine(RuleBasedStateMachine):
         self.sent: list[Send] = []
         self.cancel_acked: dict[str, int] = {}  # id → number of sends when acknowledged
         self.counter = 0
+        self.broker_up = True
+        self.reached: list[Send] = []  # sends the broker took while it was up
 
     def _fresh(self) -> Dispatcher:
         return Dispatcher(BOOK, retry=RetryPolicy(initial_s=5, max_s=40), rng=random.Random(0))
@@ -51,6 +54,12 @@ class DispatchMachine(RuleBasedStateMachine):
         for action in actions:
             if isinstance(action, Send):
                 self.sent.append(action)
+                if self.broker_up:  # as the service does on a PUBACK
+                    self.reached.append(action)
+                    inst = action.instruction
+                    record = self.engine.delivered(inst.id, inst.revision, "mqtt", self.now)
+                    if record is not None:
+                        self._commit(record)
             elif isinstance(action, Persist):
                 self._commit(action.record)
 
@@ -115,6 +124,14 @@ class DispatchMachine(RuleBasedStateMachine):
         self._carry(self.engine.tick(self.now))
 
     @rule()
+    def broker_goes_down(self) -> None:
+        self.broker_up = False
+
+    @rule()
+    def broker_comes_back(self) -> None:
+        self.broker_up = True
+
+    @rule()
     def crash_and_restart(self) -> None:
         """Lose all memory; rebuild from the journal alone."""
         before = {i: self.engine.view(i) for i in self.accepted}
@@ -153,6 +170,23 @@ class DispatchMachine(RuleBasedStateMachine):
                 assert any(s.instruction.id == instruction_id and
                            s.instruction.revision == latest.instruction.revision
                            for s in self.sent), f"{instruction_id} r{latest.instruction.revision}"
+
+    @invariant()
+    def unacknowledged_open_work_has_a_resend_due(self) -> None:
+        """Whatever the broker did with earlier sends, an unanswered open revision is sent
+        again within the longest back-off (40 s here)."""
+        waiting = [i for i in self.accepted
+                   if (v := self.engine.view(i)) is not None and v.latest.ack is None
+                   and v.latest.state in (State.ACCEPTED, State.DELIVERED, State.EXPIRED)
+                   and self.now < v.latest.instruction.end]
+        if waiting:
+            wake = self.engine.next_wakeup()
+            assert wake is not None and wake <= self.now + dt.timedelta(seconds=40), waiting
+
+    @invariant()
+    def only_the_right_fsp_was_reached(self) -> None:
+        for send in self.reached:
+            assert send.instruction.fsp == self.accepted[send.instruction.id]
 
     @invariant()
     def no_send_after_a_cancellation_is_acknowledged(self) -> None:

@@ -1,0 +1,102 @@
+"""Load test: locust SO and FSP users against a running dispatchd for several minutes.
+
+Run: ``./dev bench bench_load`` (or ``python bench/bench_load.py [--rate R] [--minutes M]``).
+
+A private Mosquitto and ``dispatchd serve`` on a sample market (3 SOs, 50 FSPs); locust
+(headless, ``bench/locustfile.py``) runs SO users issuing ``--rate`` instructions per
+second in all and one FSP user per FSP following its changes and acknowledging every new
+revision. Reported: requests, failures and p50/p99 per stage (submit, ack, changes), the
+instructions acknowledged at the end, and dispatchd's resident memory at the start and the
+end. DESIGN §7 names 1,000 accepted instructions a second; on this machine one dispatchd
+takes about 500 (see ``bench_dispatch.py``), so the default rate is below that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from contracts.io import dump_contracts
+from contracts.sample import build_sample
+from dispatchd.config import write_sample_config
+from dispatchd.localstack import DispatchdProcess, LocalMosquitto
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=int, default=200, help="instructions per second")
+    parser.add_argument("--minutes", type=float, default=3.0, help="how long")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="flexops-load-") as tmp:
+        root = Path(tmp)
+        book = build_sample()
+        dump_contracts(book, root / "contracts.json")
+        tokens = write_sample_config(book, root)
+        with LocalMosquitto(directory=root / "mqtt") as broker:
+            service = DispatchdProcess(root / "config.toml", mqtt_url=broker.url).start()
+            try:
+                time.sleep(1)
+                start_rss = rss_mib(service.process.pid)
+                fsps = len(tokens["fsp"])
+                users = args.rate + fsps
+                env = {**os.environ, "FLEXOPS_TOKENS": str(root / "tokens.json"),
+                       "FLEXOPS_CONTRACTS": str(root / "contracts.json"),
+                       "FLEXOPS_FSP_USERS": str(fsps)}
+                run = subprocess.run(
+                    [sys.executable, "-m", "locust", "-f",
+                     str(Path(__file__).with_name("locustfile.py")), "--headless",
+                     "--host", service.url, "-u", str(users), "-r", str(max(users // 5, 1)),
+                     "--run-time", f"{int(args.minutes * 60)}s", "--csv", str(root / "load"),
+                     "--only-summary", "--stop-timeout", "5"],
+                    capture_output=True, text=True, env=env, check=False)
+                end_rss = rss_mib(service.process.pid)
+                with httpx.Client(base_url=service.url) as client:
+                    metrics = client.get("/metrics").text
+            finally:
+                service.stop()
+        if not (root / "load_stats.csv").exists():
+            print(run.stdout[-3000:], run.stderr[-3000:])
+            raise SystemExit("locust produced no statistics")
+        rows = list(csv.DictReader((root / "load_stats.csv").open()))
+    acknowledged = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith('flexops_instructions{state="acknowledged_accepted"}'))
+    print(f"load: {args.rate} instructions/s from SO users and {len(tokens['fsp'])} FSP users "
+          f"acknowledging, {args.minutes:g} min")
+    print(f"{'stage':10} {'requests':>9} {'failures':>9} {'req/s':>7} {'p50 ms':>7} "
+          f"{'p99 ms':>7}")
+    figures: dict[str, float] = {}
+    for row in rows:
+        name = row["Name"]
+        print(f"{name:10} {row['Request Count']:>9} {row['Failure Count']:>9} "
+              f"{float(row['Requests/s']):7.1f} {row['50%']:>7} {row['99%']:>7}")
+        figures[f"{name}_p99_ms"] = float(row["99%"] or "nan")
+        figures[f"{name}_failures"] = float(row["Failure Count"])
+    print(f"instructions acknowledged at the end: {acknowledged:.0f}")
+    print(f"dispatchd memory: {start_rss:.0f} MiB at start, {end_rss:.0f} MiB at the end "
+          f"(holding every instruction of the run in memory)")
+    figures |= {"start_rss_mib": start_rss, "end_rss_mib": end_rss,
+                "acknowledged": acknowledged}
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
