@@ -68,20 +68,32 @@ async def _burst(url: str, tokens: dict[str, str], contracts: list[Any], prefix:
         await asyncio.gather(*(post(i) for i in range(PER_ROUND * 2)))
 
 
+def _market(directory: Path) -> tuple[dict[str, str], list[Any]]:
+    """The small market's files in ``directory``; the SO tokens and the contracts usable
+    at any hour."""
+    book = small_book(today=None)
+    dump_contracts(book, directory / "contracts.json")
+    tokens = write_sample_config(book, directory)["so"]
+    return tokens, [c for c in book.contracts.values() if c.service in ("dynamic", "restore")]
+
+
+async def _watching(broker: LocalMosquitto, seen: list[tuple[str, int]]
+                    ) -> asyncio.Task[None]:
+    ready = asyncio.Event()
+    monitor = asyncio.create_task(_monitor(broker.port, seen, ready))
+    await asyncio.wait_for(ready.wait(), 5)
+    return monitor
+
+
 def test_every_202_reaches_its_fsp_across_kill_9(tmp_path: Path) -> None:
     """Rounds of kill -9 at a random point of a burst, with the broker up or down on
     alternate rounds: every 202'd id is delivered after the restart, only as revision 0."""
-    book = small_book(today=None)
-    dump_contracts(book, tmp_path / "contracts.json")
-    tokens = write_sample_config(book, tmp_path)["so"]
-    contracts = [c for c in book.contracts.values() if c.service in ("dynamic", "restore")]
+    tokens, contracts = _market(tmp_path)
     accepted: set[str] = set()
     seen: list[tuple[str, int]] = []
 
     async def scenario(broker: LocalMosquitto) -> None:
-        ready = asyncio.Event()
-        monitor = asyncio.create_task(_monitor(broker.port, seen, ready))
-        await asyncio.wait_for(ready.wait(), 5)
+        monitor = await _watching(broker, seen)
         service = DispatchdProcess(tmp_path / "config.toml", mqtt_url=broker.url)
         try:
             for round_ in range(ROUNDS):
@@ -122,17 +134,12 @@ def test_every_202_reaches_its_fsp_across_a_broker_kill_mid_burst(
         tmp_path: Path, persistence: bool) -> None:
     """kill -9 of the broker while instructions pour in, then a restart (with or without
     its persistence): dispatchd re-sends from its journal until each 202'd id arrives."""
-    book = small_book(today=None)
-    dump_contracts(book, tmp_path / "contracts.json")
-    tokens = write_sample_config(book, tmp_path)["so"]
-    contracts = [c for c in book.contracts.values() if c.service in ("dynamic", "restore")]
+    tokens, contracts = _market(tmp_path)
     accepted: set[str] = set()
     seen: list[tuple[str, int]] = []
 
     async def scenario(broker: LocalMosquitto) -> None:
-        ready = asyncio.Event()
-        monitor = asyncio.create_task(_monitor(broker.port, seen, ready))
-        await asyncio.wait_for(ready.wait(), 5)
+        monitor = await _watching(broker, seen)
         service = DispatchdProcess(tmp_path / "config.toml", mqtt_url=broker.url)
         await asyncio.to_thread(service.start)
         try:
