@@ -97,6 +97,14 @@ class Refusal(Exception):
         super().__init__("; ".join(f"{p.field}: {p.reason}" for p in problems))
 
 
+class AckRefused(Refusal):
+    """An acknowledgement message refused; ``ack`` is what parsed of it (None if nothing)."""
+
+    def __init__(self, status: int, problems: tuple[Problem, ...], ack: Ack | None) -> None:
+        super().__init__(status, problems)
+        self.ack = ack
+
+
 class _Stopped(Exception):
     pass
 
@@ -104,13 +112,9 @@ class _Stopped(Exception):
 def _link_key(config: Config, environ: Mapping[str, str]) -> bytes:
     """The key signing acknowledge links: from ``email.link_secret_env``, else a key kept in
     a file beside the journal (created once), so links survive a restart."""
-    named = config.email.link_secret_env
+    named = secret_from_env("email.link_secret_env", config.email.link_secret_env, environ)
     if named is not None:
-        value = environ.get(named)
-        if value is None:
-            from dispatchd.config import ConfigError
-            raise ConfigError(f"email.link_secret_env names {named}, which is not set")
-        return value.encode()
+        return named.encode()
     path = Path(f"{config.journal.path}.link-key")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -494,22 +498,38 @@ class Service:
 
     # ------------------------------------------------------------------ streams
 
+    async def acknowledge_message(self, channel: str, fsp: str, body: str | bytes
+                                  ) -> tuple[InstructionView, Ack, bool]:
+        """An acknowledgement arriving as a message (MQTT, websocket): it must name the id.
+        Raises :class:`AckRefused` (counted per channel) with the parsed ack, if any."""
+        ack: Ack | None = None
+        try:
+            ack = Ack.model_validate_json(body)
+            if ack.id is None:
+                where = "MQTT" if channel == "mqtt" else "a stream"
+                raise Refusal(422, (Problem("id", f"an acknowledgement on {where} needs the id"),))
+            view, created = await self.acknowledge(fsp, ack.id, ack)
+        except ValidationError as exc:
+            self.metrics.invalid_acks.labels(channel, "422").inc()
+            raise AckRefused(422, tuple(
+                Problem(".".join(map(str, e["loc"])) or "body", e["msg"])
+                for e in exc.errors(include_url=False)), None) from exc
+        except Refusal as refusal:
+            self.metrics.invalid_acks.labels(channel, str(refusal.status)).inc()
+            raise AckRefused(refusal.status, refusal.problems, ack) from refusal
+        return view, ack, created
+
     async def stream_ack(self, fsp: str, text: str) -> dict[str, Any]:
         """Answer an acknowledgement sent on ``fsp``'s websocket stream."""
         try:
-            ack = Ack.model_validate_json(text)
-            if ack.id is None:
-                raise Refusal(422, (Problem("id", "an acknowledgement on a stream needs the id"),))
-            view, created = await self.acknowledge(fsp, ack.id, ack)
-        except ValidationError as exc:
-            self.metrics.invalid_acks.labels("websocket", "422").inc()
-            return {"reply": "ack", "status": 422, "error": "invalid request", "problems": [
-                Problem(".".join(map(str, e["loc"])) or "body", e["msg"]).as_json()
-                for e in exc.errors(include_url=False)]}
-        except Refusal as refusal:
-            self.metrics.invalid_acks.labels("websocket", str(refusal.status)).inc()
-            return {"reply": "ack", "status": refusal.status, "id": ack.id,
-                    "revision": ack.revision, "problems": [p.as_json() for p in refusal.problems]}
+            view, ack, created = await self.acknowledge_message("websocket", fsp, text)
+        except AckRefused as refused:
+            problems = [p.as_json() for p in refused.problems]
+            if refused.ack is None:
+                return {"reply": "ack", "status": refused.status, "error": "invalid request",
+                        "problems": problems}
+            return {"reply": "ack", "status": refused.status, "id": refused.ack.id,
+                    "revision": refused.ack.revision, "problems": problems}
         return {"reply": "ack", "status": 200, "id": view.id, "revision": ack.revision,
                 "created": created, "state": view.revisions[ack.revision].state.value}
 
@@ -541,21 +561,13 @@ class Service:
 
     async def _handle_mqtt_ack(self, fsp: str, body: bytes) -> None:
         try:
-            ack = Ack.model_validate_json(body)
-            if ack.id is None:
-                raise Refusal(422, (Problem("id", "an acknowledgement on MQTT needs the id"),))
-            await self.acknowledge(fsp, ack.id, ack)
-        except ValidationError as exc:
-            self._ack_error(fsp, body, 422, tuple(
-                Problem(".".join(map(str, e["loc"])) or "body", e["msg"])
-                for e in exc.errors(include_url=False)))
-        except Refusal as refusal:
-            self._ack_error(fsp, body, refusal.status, refusal.problems)
+            await self.acknowledge_message("mqtt", fsp, body)
+        except AckRefused as refused:
+            self._ack_error(fsp, body, refused.status, refused.problems)
 
     def _ack_error(self, fsp: str, body: bytes, status: int, problems: tuple[Problem, ...]
                    ) -> None:
         """Tell the FSP on its ``errors`` topic why an acknowledgement was refused."""
-        self.metrics.invalid_acks.labels("mqtt", str(status)).inc()
         log.warning("refused MQTT ack from %s (%d): %s", fsp, status,
                     "; ".join(f"{p.field}: {p.reason}" for p in problems))
         reply = {
