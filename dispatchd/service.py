@@ -54,6 +54,7 @@ from dispatchd.core.engine import (
     RetryPolicy,
     RevisionRecorded,
     Send,
+    message,
 )
 from dispatchd.core.instruction import (
     Ack,
@@ -340,8 +341,7 @@ class Service:
     @staticmethod
     def _webhook_body(send: Send) -> bytes:
         """A Standard Webhooks payload: ``type``, ``timestamp`` and the message as ``data``."""
-        data = send.payload()
-        del data["attempt"]
+        data = message(send.instruction, send.accepted_at)
         kind = {"instruction": "created", "amendment": "amended", "cancellation": "cancelled"}
         return json.dumps({
             "type": f"instruction.{kind[message_type(send.instruction.kind)]}",

@@ -143,12 +143,17 @@ class Send:
     channels: tuple[Channel, ...] = (Channel.MQTT,)
 
     def payload(self) -> dict[str, Any]:
-        """The message body FSPs receive; receivers de-duplicate on (id, revision)."""
-        body = dict(self.instruction.as_json)
-        body["type"] = message_type(self.instruction.kind)
-        body["accepted_at"] = self.accepted_at.isoformat()
-        body["attempt"] = self.attempt
-        return body
+        """The MQTT message body: :func:`message` and which send of it this is."""
+        return message(self.instruction, self.accepted_at) | {"attempt": self.attempt}
+
+
+def message(instruction: Instruction, accepted_at: dt.datetime) -> dict[str, Any]:
+    """What FSPs receive of a revision on every channel; receivers de-duplicate on
+    (id, revision)."""
+    body = dict(instruction.as_json)
+    body["type"] = message_type(instruction.kind)
+    body["accepted_at"] = accepted_at.isoformat()
+    return body
 
 
 @dataclass(frozen=True)
@@ -620,8 +625,7 @@ class Dispatcher:
             "revision": entry.revision, "at": entry.at.isoformat(),
         }
         if role == "fsp" and entry.kind in _MESSAGE_KINDS:
-            body["message"] = Send(rev.instruction, 0, rev.accepted_at).payload()
-            del body["message"]["attempt"]
+            body["message"] = message(rev.instruction, rev.accepted_at)
         if role == "so":
             body["fsp"] = rev.instruction.fsp
             body["state"] = rev.state.value
