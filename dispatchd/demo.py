@@ -274,6 +274,7 @@ async def _run(out: Path, instructions: int, rate: float) -> int:
 def _settle(book: ContractBook, out: Path) -> int:
     """Export the month's dispatch log, generate the fleet's meter data, ingest, settle."""
     from dispatchd.export import dispatch_log, write_dispatch_log
+    from settlement.compute import payable_and_held
     from settlement.demo import generate
     from settlement.meterdata import ingest
     from settlement.rules import pounds
@@ -300,8 +301,7 @@ def _settle(book: ContractBook, out: Path) -> int:
     result = run(book=book, contracts_path=out / "contracts.json", log_path=log_path,
                  dataset=dataset, month=month, out=out / "settlement-runs")
     lines = result.settlement.lines
-    payable = int(lines.filter(lines["status"] == "payable")["amount_pence"].sum())
-    held = int(lines.filter(lines["status"] == "held")["amount_pence"].sum())
+    payable, held = payable_and_held(lines)
     _say(f"  {lines.height} invoice lines: payable £{pounds(payable)}, held £{pounds(held)}; "
          f"{result.settlement.problems.height} blocking problem(s) listed with what to do "
          f"({time.monotonic() - started:.1f}s)")

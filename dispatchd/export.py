@@ -38,13 +38,23 @@ another platform and mapped to a contract) or ``unmapped`` (relayed, not yet map
 settlement holds the contract's invoice lines back until it is)."""
 
 
-def month_bounds(month: str, tz: str = "Europe/London") -> tuple[dt.datetime, dt.datetime]:
-    """The UTC instants where local calendar month ``YYYY-MM`` starts and ends."""
+def next_month(day: dt.date) -> dt.date:
+    """The first day of the month after ``day``'s."""
+    return (day.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+
+
+def month_dates(month: str) -> tuple[dt.date, dt.date]:
+    """The first day of month ``YYYY-MM`` and of the month after; ValueError if not one."""
     try:
         first = dt.date.fromisoformat(f"{month}-01")
     except ValueError:
         raise ValueError(f"{month!r} is not a month (YYYY-MM)") from None
-    after = (first.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    return first, next_month(first)
+
+
+def month_bounds(month: str, tz: str = "Europe/London") -> tuple[dt.datetime, dt.datetime]:
+    """The UTC instants where local calendar month ``YYYY-MM`` starts and ends."""
+    first, after = month_dates(month)
     zone = ZoneInfo(tz)
     return (dt.datetime.combine(first, dt.time(), zone).astimezone(dt.UTC),
             dt.datetime.combine(after, dt.time(), zone).astimezone(dt.UTC))

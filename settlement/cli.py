@@ -19,6 +19,16 @@ Files, columns, rules and outputs: docs/settlement.md.
 """
 
 
+def _month(text: str) -> str:
+    from dispatchd.export import month_dates
+
+    try:
+        month_dates(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="settlement",
@@ -42,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the meter-data dataset directory (created if missing)")
     ingest.add_argument("--quarantine", type=Path,
                         help="where quarantine files go (default DATASET/quarantine)")
-    ingest.add_argument("--month", help="YYYY-MM: quarantine readings outside this month")
+    ingest.add_argument("--month", type=_month,
+                        help="YYYY-MM: quarantine readings outside this month")
     ingest.add_argument("--tz", default="Europe/London",
                         help="zone of local times and settlement periods")
 
@@ -52,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and utilisation payments, penalties, invoice lines. Writes OUT/YYYY-MM/vNNN/ "
         "(Parquet, CSV, manifest.json, report.html, fsp/*.html and, after the first run, "
         "diff.csv). A killed run leaves no partial version. Progress goes to stderr.")
-    run.add_argument("--month", required=True, help="YYYY-MM")
+    run.add_argument("--month", required=True, type=_month, help="YYYY-MM")
     run.add_argument("--contracts", required=True, type=Path, help="the contracts file")
     run.add_argument("--dispatch-log", required=True, type=Path,
                      help="the month's dispatch log (dispatchd export)")
@@ -109,6 +120,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from baselines.calendar import Calendar
     from contracts.io import ContractsFileError, load_contracts
+    from settlement.compute import payable_and_held
     from settlement.rules import RuleError, pounds
     from settlement.run import RunInputError, run
 
@@ -124,8 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"settlement: {exc}", file=sys.stderr)
         return 2
     lines = result.settlement.lines
-    payable = int(lines.filter(lines["status"] == "payable")["amount_pence"].sum())
-    held = int(lines.filter(lines["status"] == "held")["amount_pence"].sum())
+    payable, held = payable_and_held(lines)
     print(f"{result.directory}: {lines.height} invoice lines, payable £{pounds(payable)}, "
           f"held £{pounds(held)}; {result.settlement.problems.height} blocking problem(s)")
     if result.diff is not None:

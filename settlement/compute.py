@@ -39,7 +39,7 @@ from baselines.methods import describe
 from baselines.periods import HALF_HOUR, zone
 from contracts.io import ContractBook
 from contracts.model import Contract, Direction, ServiceWindow
-from dispatchd.export import month_bounds
+from dispatchd.export import month_bounds, month_dates
 from settlement.rules import baseline_method, exact, pence, quantity
 
 UTC_TS = pl.Datetime("us", "UTC")
@@ -355,8 +355,7 @@ def _window_occurrences(windows: tuple[ServiceWindow, ...], tz: str, start_date:
                         end_date: dt.date, month: str
                         ) -> tuple[tuple[dt.datetime, dt.datetime], ...]:
     """Contracts sharing their windows and dates share this (markets reuse window sets)."""
-    first = dt.date.fromisoformat(f"{month}-01")
-    after = (first.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    first, after = month_dates(month)
     local = zone(tz)
     found = []
     day = max(first, start_date)
@@ -498,6 +497,12 @@ def invoice_lines(book: ContractBook, instructions: pl.DataFrame,
               "hold_reason": pl.String}
     return pl.DataFrame(lines, schema=schema, orient="row").sort("line_id") if lines else \
         pl.DataFrame(schema=schema)
+
+
+def payable_and_held(lines: pl.DataFrame) -> tuple[int, int]:
+    """The payable and the held total of ``lines``, in integer pence."""
+    return tuple(int(lines.filter(pl.col("status") == status)["amount_pence"].sum())
+                 for status in ("payable", "held"))  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------- all

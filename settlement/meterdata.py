@@ -31,6 +31,7 @@ import polars as pl
 
 from baselines.periods import period_starts, zone
 from contracts.io import ContractBook
+from dispatchd.export import month_bounds, next_month
 
 UTC_TS = pl.Datetime("us", "UTC")
 STORED_SCHEMA: dict[str, pl.DataType] = {
@@ -183,10 +184,7 @@ def _checked(frame: pl.DataFrame, book: ContractBook, month: str | None, tz: str
         .otherwise(pl.col("import_kw")) * 0.5
     in_month = pl.lit(True)
     if month is not None:
-        first = dt.date.fromisoformat(f"{month}-01")
-        after = (first.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
-        lo = dt.datetime.combine(first, dt.time(), zone(tz)).astimezone(dt.UTC)
-        hi = dt.datetime.combine(after, dt.time(), zone(tz)).astimezone(dt.UTC)
+        lo, hi = month_bounds(month, tz)
         in_month = (pl.col("start") >= lo) & (pl.col("start") < hi)
     shown = pl.col("kwh").fill_null("")
     return frame.with_columns(kwh_value=kwh).with_columns(
@@ -372,6 +370,6 @@ def months_between(first: dt.date, last: dt.date) -> list[str]:
     out, day = [], first.replace(day=1)
     while day <= last:
         out.append(f"{day:%Y-%m}")
-        day = (day.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+        day = next_month(day)
     return out
 

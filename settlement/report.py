@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import polars as pl
 
-from settlement.compute import Settlement
+from settlement.compute import Settlement, payable_and_held
 from settlement.rules import pounds
 
 _STYLE = """
@@ -97,8 +97,7 @@ def _local(start: Any, end: Any) -> str:
 def _totals(lines: pl.DataFrame) -> list[list[Any]]:
     rows = []
     for (so, fsp), part in sorted(lines.partition_by(["so", "fsp"], as_dict=True).items()):
-        payable = int(part.filter(pl.col("status") == "payable")["amount_pence"].sum())
-        held = int(part.filter(pl.col("status") == "held")["amount_pence"].sum())
+        payable, held = payable_and_held(part)
         rows.append([so, fsp, pounds(payable), pounds(held), part.height])
     return rows
 
@@ -162,8 +161,7 @@ def render(s: Settlement, *, title: str, turn_up: dict[str, bool], fsp: str | No
         contracts = set(lines["contract_id"].to_list()) | set(
             s.instructions.filter(pl.col("fsp") == fsp)["contract_id"].to_list())
         problems = s.problems.filter(pl.col("contract_id").is_in(sorted(contracts)))
-    payable = int(lines.filter(pl.col("status") == "payable")["amount_pence"].sum())
-    held = int(lines.filter(pl.col("status") == "held")["amount_pence"].sum())
+    payable, held = payable_and_held(lines)
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
              f"<h1>{_e(title)}</h1>",

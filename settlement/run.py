@@ -10,13 +10,13 @@ The same inputs give byte-identical files.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import polars as pl
 from baselines.calendar import Calendar
 from contracts.io import ContractBook
 from contracts.model import Direction
-from dispatchd.export import DISPATCH_LOG_SCHEMA
+from dispatchd.export import DISPATCH_LOG_SCHEMA, month_bounds
 from settlement.compute import Settlement, settle
 from settlement.meterdata import dataset_files, months_between, readings
 from settlement.report import event_blocks, render
@@ -137,10 +137,6 @@ def run(*, book: ContractBook, contracts_path: Path, log_path: Path, dataset: Pa
         month: str, out: Path, tz: str = "Europe/London", calendar: Calendar | None = None,
         progress: Progress | None = None) -> RunResult:
     """Settle ``month`` and write the next version under ``out/month``."""
-    import datetime as dt
-
-    from dispatchd.export import month_bounds
-
     calendar = calendar or Calendar()
     log = read_log(log_path)
     begin, end = month_bounds(month, tz)
@@ -229,9 +225,3 @@ def _write(directory: Path, s: Settlement, manifest: dict[str, Any],
                            for p in sorted(directory.rglob("*")) if p.is_file()}
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True)
                                              + "\n", encoding="utf-8")
-
-
-def totals(lines: pl.DataFrame) -> dict[str, Decimal]:
-    """Payable and held totals in £, from integer pence."""
-    return {status: Decimal(int(lines.filter(pl.col("status") == status)["amount_pence"].sum()))
-            / 100 for status in ("payable", "held")}
