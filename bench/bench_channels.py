@@ -52,7 +52,7 @@ from contracts.model import Channel, Endpoints
 from contracts.sample import build_sample
 from dispatchd.config import write_sample_config
 from dispatchd.localstack import DispatchdProcess, free_port
-from dispatchd.simulate import percentile
+from dispatchd.simulate import every_instruction, percentile
 
 
 @dataclass
@@ -304,23 +304,8 @@ async def flexops_email(root: Path, port: int, inbox: _Inbox, fsps: int, count: 
 
 
 async def _accepted_times(url: str, so_tokens: dict[str, str]) -> dict[str, float]:
-    import httpx
-
-    found: dict[str, float] = {}
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        for token in so_tokens.values():
-            cursor = 0
-            while True:
-                page = (await client.get("/v1/instructions", params={"since": cursor,
-                                                                     "limit": 1000},
-                                         headers={"Authorization": f"Bearer {token}"})).json()
-                for view in page["instructions"]:
-                    found[view["id"]] = dt.datetime.fromisoformat(
-                        view["revisions"][0]["accepted_at"]).timestamp()
-                if page["cursor"] == cursor:
-                    break
-                cursor = page["cursor"]
-    return found
+    return {view["id"]: dt.datetime.fromisoformat(view["revisions"][0]["accepted_at"])
+            .timestamp() async for view in every_instruction(url, so_tokens.values())}
 
 
 # ------------------------------------------------------------------------ report

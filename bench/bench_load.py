@@ -27,6 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_channels import rss_kib
 from contracts.io import dump_contracts
 from contracts.sample import build_sample
 from dispatchd.config import write_sample_config
@@ -34,10 +35,7 @@ from dispatchd.localstack import DispatchdProcess, LocalMosquitto
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return rss_kib(pid) / 1024
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -45,6 +45,7 @@ from dispatchd.simulate import (
     FspSimulator,
     StreamFspSimulator,
     WebhookFspSimulator,
+    every_instruction,
     paced,
     percentile,
     wait_for,
@@ -157,19 +158,7 @@ async def _control_room(url: str, tokens: dict[str, str], book: ContractBook, co
 
 
 async def _summarise(url: str, tokens: dict[str, str]) -> Counter[str]:
-    states: Counter[str] = Counter()
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        for token in tokens.values():
-            cursor = 0
-            while True:
-                page = (await client.get("/v1/instructions", params={"since": cursor,
-                                                                     "limit": 1000},
-                                         headers={"Authorization": f"Bearer {token}"})).json()
-                states.update(item["state"] for item in page["instructions"])
-                if not page["instructions"]:
-                    break
-                cursor = page["cursor"]
-    return states
+    return Counter([item["state"] async for item in every_instruction(url, tokens.values())])
 
 
 class _Mailbox:

@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,6 +230,23 @@ class WebhookFspSimulator(ControlCentre):
                                   headers={"Authorization": f"Bearer {self.token}"})
         if response.status_code != 200:
             self.errors.append(response.json())
+
+
+async def every_instruction(url: str, tokens: Iterable[str]) -> AsyncIterator[dict[str, Any]]:
+    """Every instruction each token may see, paging through ``GET /v1/instructions`` until
+    the cursor stops moving."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for token in tokens:
+            cursor = 0
+            while True:
+                page = (await client.get("/v1/instructions",
+                                         params={"since": cursor, "limit": 1000},
+                                         headers={"Authorization": f"Bearer {token}"})).json()
+                for item in page["instructions"]:
+                    yield item
+                if page["cursor"] == cursor:
+                    break
+                cursor = page["cursor"]
 
 
 def percentile(values: list[float], fraction: float) -> float:
