@@ -69,6 +69,8 @@ class RevisionOut(BaseModel):
     delivered: dict[str, dt.datetime]
     """First hand-over per channel."""
     send_attempts: int
+    """Sends by the running dispatchd. Sends are not journaled: this counts from 0 again
+    after a restart, and reads 0 for an instruction read back from the journal."""
     delivery_failed: dict[str, str]
     """Channels that gave up on this revision for good, with the reason."""
     escalated: bool
@@ -302,6 +304,7 @@ def create_app(service: Service) -> Any:
         await ws.accept()
         await service.streams.serve(
             ws, role=role, principal=who.id, since=since,
+            first=lambda: service.engine.feed_first(role, who.id),
             length=lambda: service.engine.feed_length(role, who.id),
             event=lambda n: service.engine.feed_event(role, who.id, n),
             reply=(lambda text: service.stream_ack(who.id, text)) if role == "fsp" else None,

@@ -46,6 +46,12 @@ class ServiceConfig(Frozen):
     gc_sweep_s: float = Field(default=3600.0, gt=0)
     """Objects surviving a full garbage collection are frozen, so collections stay short;
     this often everything is unfrozen and collected once (see dispatchd/gcpolicy.py)."""
+    hold_finished_s: float = Field(default=86_400.0, gt=0)
+    """How long stream events, and instructions that are finished (ended, or cancelled and
+    acknowledged), stay in memory after their last change; later they are read back from
+    the journal when asked for. Stream clients resuming from an older event get a gap."""
+    archive_sweep_s: float = Field(default=60.0, gt=0)
+    """How often what has been held long enough is let go of."""
 
     @field_validator("listen")
     @classmethod

@@ -123,6 +123,17 @@ def read_records(conn: sqlite3.Connection, after: int = 0) -> Iterator[tuple[int
         yield seq, _decode(kind, id_, revision, event, at, body)
 
 
+def read_instruction(conn: sqlite3.Connection, instruction_id: str
+                     ) -> list[tuple[int, Record]]:
+    """Every record of one instruction, in order."""
+    cursor = conn.execute(
+        "SELECT seq, kind, id, revision, event, at, body FROM records WHERE id = ? ORDER BY seq",
+        (instruction_id,),
+    )
+    return [(seq, _decode(kind, id_, revision, event, at, body))
+            for seq, kind, id_, revision, event, at, body in cursor]
+
+
 CommitObserver = Callable[[float, int], None]
 """Called after each commit with its duration in seconds and the number of records."""
 
@@ -135,6 +146,8 @@ class Journal:
         self.settings = settings
         self._on_commit = on_commit
         self._conn = connect(settings.path, settings.synchronous)
+        # Readers use their own connection: the writer's belongs to the writer thread.
+        self._reader = sqlite3.connect(settings.path, check_same_thread=False)
         self._queue: asyncio.Queue[tuple[Record, asyncio.Future[int]]] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-writer")
         self.batches = 0
@@ -143,6 +156,10 @@ class Journal:
     def replay(self) -> Iterator[tuple[int, Record]]:
         """Everything journaled so far, in order (call before :meth:`run`)."""
         return read_records(self._conn)
+
+    def records_of(self, instruction_id: str) -> list[tuple[int, Record]]:
+        """Every committed record of one instruction, in order (reads while writing)."""
+        return read_instruction(self._reader, instruction_id)
 
     @property
     def depth(self) -> int:
@@ -212,4 +229,5 @@ class Journal:
             if not future.done():
                 future.set_exception(JournalError("the journal was closed"))
         self._executor.shutdown(wait=True)
+        self._reader.close()
         self._conn.close()

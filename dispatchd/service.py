@@ -146,6 +146,7 @@ class Service:
                               multiplier=config.delivery.retry_multiplier,
                               max_s=config.delivery.retry_max_s),
             rng=rng,
+            archive=self._records_of,
         )
         self.journal = Journal(
             JournalSettings(config.journal.path, config.journal.synchronous,
@@ -185,6 +186,21 @@ class Service:
 
     # ------------------------------------------------------------------ running
 
+    def _records_of(self, instruction_id: str) -> list[tuple[int, Record]]:
+        return self.journal.records_of(instruction_id)
+
+    def _archive(self) -> None:
+        hold = dt.timedelta(seconds=self.config.service.hold_finished_s)
+        gone = self.engine.archive(self.clock(), hold)
+        if gone:
+            log.info("let go of %d finished instructions (%d held, %d in the journal only)",
+                     gone, len(self.engine), self.engine.archived)
+
+    async def _archive_sweeps(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.service.archive_sweep_s)
+            self._archive()
+
     def _committed(self, seconds: float, records: int) -> None:
         self.metrics.journal_commit_seconds.observe(seconds)
         self.metrics.journal_batch_records.observe(records)
@@ -195,6 +211,7 @@ class Service:
             self.engine.apply(record, seq, now, replay=True)
             self.replayed += 1
         actions = self.engine.recover(now)
+        self._archive()
         log.info("replayed %d journal records: %d instructions, %d to re-send",
                  self.replayed, len(self.engine), len(actions))
         return actions
@@ -246,6 +263,7 @@ class Service:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(gc_policy.sweeps(), name="dispatchd.gc")
+                group.create_task(self._archive_sweeps(), name="dispatchd.archive")
                 group.create_task(self.journal.run(), name="dispatchd.journal")
                 if self.config.mqtt.enabled:
                     group.create_task(self.mqtt.run(), name="dispatchd.mqtt")

@@ -7,6 +7,11 @@ so nothing is queued per connection: a client that stops reading blocks only its
 writer, once the bounded transport buffer is full, and is dropped when a send makes no
 progress for ``send_timeout_s``. It resumes with ``?since=`` the last number it saw.
 
+The engine holds a feed's events for a while (``service.hold_finished_s``), not forever.
+A client that asks for, or falls behind to, events no longer held gets one
+``{"event": "gap", "from": F, "to": T}`` frame for the numbers it missed and then the
+events that follow; ``GET /v1/instructions/{id}`` still answers for every instruction.
+
 Frames are JSON text. The first is ``{"event": "hello", ...}`` (no ``seq``); then one
 frame per feed entry (``seq``, ``event``, ``id``, ``revision``, ``at`` ...). FSP clients may
 send acknowledgements (the HTTP ack body with ``id``); each gets a ``{"reply": "ack", ...}``.
@@ -61,8 +66,8 @@ class StreamHub:
             conn.wake.set()
 
     async def serve(self, ws: WebSocket, *, role: str, principal: str, since: int,
-                    length: FeedLength, event: FeedEvent, reply: Reply | None,
-                    sent: Sent | None) -> None:
+                    first: FeedLength, length: FeedLength, event: FeedEvent,
+                    reply: Reply | None, sent: Sent | None) -> None:
         """Stream the feed after ``since`` to the accepted ``ws`` until either side ends.
 
         ``reply`` answers a text frame from the client (None: frames are refused);
@@ -78,7 +83,7 @@ class StreamHub:
             async with asyncio.TaskGroup() as group:
                 reader = group.create_task(self._read(ws, conn, reply),
                                            name=f"dispatchd.stream[{principal}].read")
-                writer = group.create_task(self._write(ws, conn, length, event, sent),
+                writer = group.create_task(self._write(ws, conn, first, length, event, sent),
                                            name=f"dispatchd.stream[{principal}].write")
                 await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
                 reader.cancel()
@@ -98,13 +103,21 @@ class StreamHub:
     async def _send(self, ws: WebSocket, body: dict[str, Any]) -> None:
         await asyncio.wait_for(ws.send_text(_frame(body)), self._send_timeout)
 
-    async def _write(self, ws: WebSocket, conn: _Connection, length: FeedLength,
-                     event: FeedEvent, sent: Sent | None) -> None:
+    async def _write(self, ws: WebSocket, conn: _Connection, first: FeedLength,
+                     length: FeedLength, event: FeedEvent, sent: Sent | None) -> None:
         while True:
             conn.wake.clear()
             while conn.replies:
                 await self._send(ws, conn.replies.pop(0))
             while conn.next <= length():
+                held = first()
+                if conn.next < held:
+                    await self._send(ws, {"event": "gap", "from": conn.next, "to": held - 1,
+                                          "reason": "these events are no longer held; GET "
+                                          "/v1/instructions/{id} answers for every "
+                                          "instruction"})
+                    conn.next = held
+                    continue
                 body = event(conn.next)
                 await self._send(ws, body)
                 conn.next += 1

@@ -15,6 +15,11 @@ The calling contract, which the service (``dispatchd/service.py``) follows:
    with :meth:`Dispatcher.delivery_failed`; journal what they return.
 5. On start-up, :meth:`Dispatcher.apply` every journaled record in order with
    ``replay=True`` (no actions), then call :meth:`Dispatcher.recover` once.
+6. Now and then call :meth:`Dispatcher.archive`: it lets go of instructions that are
+   finished and quiet, and of feed events older than the holding time. What it let go of is
+   read back from the journal through the ``archive`` reader given at creation whenever it
+   is asked for again (a view, an idempotent repeat, a late acknowledgement), so memory
+   follows the instructions in flight rather than every instruction ever accepted.
 
 Which channel gets what: the first send of a revision goes to every push channel of the FSP
 (MQTT, email, webhook). Only MQTT is re-sent on the re-send timer, because a broker's PUBACK
@@ -36,6 +41,7 @@ import heapq
 import itertools
 import random
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -301,10 +307,25 @@ class _Revision:
 class _Tracked:
     revisions: list[_Revision]
     seq: int
+    changed_at: dt.datetime
+    feed_refs: int = 0
+    """How many held feed events name this instruction; it is not archived while any do."""
 
     @property
     def latest(self) -> _Revision:
         return self.revisions[-1]
+
+
+@dataclass
+class _Feed:
+    """A principal's feed: events numbered from 1, the oldest ``base`` no longer held."""
+
+    base: int = 0
+    entries: list[FeedEntry] = field(default_factory=list)
+
+
+ArchiveReader = Callable[[str], Sequence[tuple[int, Record]]]
+"""Reads one instruction's journaled records, in order, as (sequence number, record)."""
 
 
 class _Timer(StrEnum):
@@ -328,9 +349,12 @@ class Dispatcher:
 
     def __init__(
         self, book: ContractBook, *, retry: RetryPolicy | None = None,
-        rng: random.Random | None = None,
+        rng: random.Random | None = None, archive: ArchiveReader | None = None,
     ) -> None:
         self.book = book
+        self._archive = archive
+        self.archived = 0
+        """Instructions let go of by :meth:`archive` (and not revived since)."""
         self.retry = retry or RetryPolicy()
         self.rng = rng or random.Random()
         self._tracked: dict[str, _Tracked] = {}
@@ -338,7 +362,7 @@ class Dispatcher:
         self._counter = itertools.count()
         self._changes: dict[tuple[str, str], list[tuple[int, str]]] = {}
         self._pending_delivered: set[tuple[str, int, str]] = set()
-        self._feeds: dict[tuple[str, str], list[FeedEntry]] = {}
+        self._feeds: dict[tuple[str, str], _Feed] = {}
 
     # ------------------------------------------------------------------ decisions
 
@@ -347,7 +371,7 @@ class Dispatcher:
     ) -> Decision:
         """Decide on a new instruction from ``so``; ``new_id`` is used when the request has none."""
         instruction_id = req.id or new_id
-        tracked = self._tracked.get(instruction_id)
+        tracked = self._lookup(instruction_id)
         if tracked is not None:
             first = tracked.revisions[0]
             if first.instruction.so != so:
@@ -364,7 +388,7 @@ class Dispatcher:
         return RevisionRecorded(inst, req.content(), now)
 
     def _owned(self, so: str, instruction_id: str) -> _Tracked | Refused:
-        tracked = self._tracked.get(instruction_id)
+        tracked = self._lookup(instruction_id)
         if tracked is None or tracked.latest.instruction.so != so:
             return Refused.one(404, "id", f"no instruction {instruction_id!r} for {so}")
         return tracked
@@ -443,7 +467,7 @@ class Dispatcher:
 
     def decide_ack(self, fsp: str, instruction_id: str, ack: Ack, now: dt.datetime) -> Decision:
         """Decide on an FSP's acknowledgement of one revision."""
-        tracked = self._tracked.get(instruction_id)
+        tracked = self._lookup(instruction_id)
         if tracked is None or tracked.latest.instruction.fsp != fsp:
             return Refused.one(404, "id", f"no instruction {instruction_id!r} for {fsp}")
         if ack.id is not None and ack.id != instruction_id:
@@ -502,12 +526,17 @@ class Dispatcher:
     def apply(self, record: Record, seq: int, now: dt.datetime, *, replay: bool = False
               ) -> list[Action]:
         """Apply a *committed* record; returns the actions to carry out (none on replay)."""
+        instruction_id = record.instruction.id if isinstance(record, RevisionRecorded) \
+            else record.id
+        if instruction_id not in self._tracked and self.archived:
+            self._revive(instruction_id, before=seq)
         if isinstance(record, RevisionRecorded):
             return self._apply_revision(record, seq, now, replay)
         return self._apply_event(record, seq, now, replay)
 
-    def _note_change(self, tracked: _Tracked, seq: int) -> None:
+    def _note_change(self, tracked: _Tracked, seq: int, at: dt.datetime) -> None:
         tracked.seq = seq
+        tracked.changed_at = at
         inst = tracked.latest.instruction
         for key in (("so", inst.so), ("fsp", inst.fsp)):
             self._changes.setdefault(key, []).append((seq, inst.id))
@@ -516,8 +545,9 @@ class Dispatcher:
                         replay: bool) -> list[Action]:
         inst = record.instruction
         tracked = self._tracked.get(inst.id)
+        at = record.at if replay else now
         if tracked is None:
-            tracked = self._tracked[inst.id] = _Tracked([], seq)
+            tracked = self._tracked[inst.id] = _Tracked([], seq, at)
         elif tracked.latest.state in AMENDABLE:
             tracked.latest.state = transition(tracked.latest.state, Event.SUPERSEDED)
         event = Event.CANCEL_JOURNALED if inst.kind is Kind.CANCEL else Event.JOURNALED
@@ -527,8 +557,7 @@ class Dispatcher:
             inst, record.content, transition(State.RECEIVED, event),
             record.at if replay else now,
         ))
-        self._note_change(tracked, seq)
-        at = record.at if replay else now
+        self._note_change(tracked, seq, at)
         notes = [self._feed("fsp", inst.fsp, FeedEntry(FeedKind(message_type(inst.kind)),
                                                          inst.id, inst.revision, at)),
                  self._feed("so", inst.so, FeedEntry(FeedKind.ACCEPTED, inst.id,
@@ -567,7 +596,7 @@ class Dispatcher:
             news = not rev.escalated
             rev.escalated = True
         if news or rev.state is not before:
-            self._note_change(tracked, seq)
+            self._note_change(tracked, seq, record.at)
         notes = self._feed_event(rev.instruction, record, news=news, acked=acked,
                                  moved=rev.state is not before)
         if replay:
@@ -582,7 +611,11 @@ class Dispatcher:
     # ------------------------------------------------------------------ feeds
 
     def _feed(self, role: str, principal: str, entry: FeedEntry) -> Notify:
-        self._feeds.setdefault((role, principal), []).append(entry)
+        feed = self._feeds.get((role, principal))
+        if feed is None:
+            feed = self._feeds[role, principal] = _Feed()
+        feed.entries.append(entry)
+        self._tracked[entry.id].feed_refs += 1
         return Notify(role, principal)
 
     def _feed_event(self, inst: Instruction, record: EventRecorded, *, news: bool,
@@ -610,15 +643,25 @@ class Dispatcher:
 
     def feed_length(self, role: str, principal: str) -> int:
         """The number of the newest event in the feed of ``principal`` (0 when empty)."""
-        return len(self._feeds.get((role, principal), ()))
+        feed = self._feeds.get((role, principal))
+        return 0 if feed is None else feed.base + len(feed.entries)
+
+    def feed_first(self, role: str, principal: str) -> int:
+        """The number of the oldest event still held (``feed_length() + 1`` when none is)."""
+        feed = self._feeds.get((role, principal))
+        return 1 if feed is None else feed.base + 1
 
     def feed_event(self, role: str, principal: str, number: int) -> dict[str, Any]:
         """Event ``number`` (1-based) of the feed as the JSON that stream clients receive.
 
         FSP events about a revision carry the full message (as on MQTT); SO events carry the
         revision's current state, and the channel and reason where there is one.
+        Raises :class:`LookupError` for a number no longer held (see :meth:`feed_first`).
         """
-        entry = self._feeds[role, principal][number - 1]
+        feed = self._feeds[role, principal]
+        if number <= feed.base:
+            raise LookupError(f"event {number} of this feed is no longer held")
+        entry = feed.entries[number - 1 - feed.base]
         rev = self._tracked[entry.id].revisions[entry.revision]
         body: dict[str, Any] = {
             "seq": number, "event": entry.kind.value, "id": entry.id,
@@ -722,10 +765,82 @@ class Dispatcher:
                 self._schedule_run(inst)
         return actions
 
+    # ------------------------------------------------------------------ holding
+
+    def _finished(self, tracked: _Tracked, now: dt.datetime) -> bool:
+        """Nothing more will happen to it unless someone asks: no send, no timer due."""
+        rev = tracked.latest
+        if rev.state is State.CANCELLED:
+            return rev.ack is not None or now >= rev.instruction.end
+        return now >= rev.instruction.end and rev.state not in (
+            State.ACKNOWLEDGED_ACCEPTED, State.ACTIVE)
+
+    def archive(self, now: dt.datetime, hold: dt.timedelta) -> int:
+        """Let go of feed events older than ``hold`` and of finished instructions unchanged
+        for ``hold`` that no held feed event names. Returns how many instructions went.
+
+        Does nothing to instructions without an ``archive`` reader to read them back.
+        """
+        cutoff = now - hold
+        for feed in self._feeds.values():
+            old = 0
+            for entry in feed.entries:
+                if entry.at >= cutoff:
+                    break
+                old += 1
+            if old:
+                for entry in feed.entries[:old]:
+                    self._tracked[entry.id].feed_refs -= 1
+                del feed.entries[:old]
+                feed.base += old
+        if self._archive is None:
+            return 0
+        gone = [
+            instruction_id for instruction_id, tracked in self._tracked.items()
+            if tracked.feed_refs == 0 and tracked.changed_at < cutoff
+            and self._finished(tracked, now)
+        ]
+        for instruction_id in gone:
+            del self._tracked[instruction_id]
+        if gone:
+            self.archived += len(gone)
+            for key, changes in self._changes.items():
+                self._changes[key] = [
+                    (seq, i) for seq, i in changes
+                    if (t := self._tracked.get(i)) is not None and t.seq == seq
+                ]
+        return len(gone)
+
+    def _read_back(self, instruction_id: str, before: int | None = None) -> _Tracked | None:
+        """An archived instruction rebuilt from its journaled records (those before seq
+        ``before`` when given), or None when the journal has none."""
+        if self._archive is None or not self.archived:
+            return None
+        scratch = Dispatcher(self.book, retry=self.retry)
+        for seq, record in self._archive(instruction_id):
+            if before is not None and seq >= before:
+                break
+            scratch.apply(record, seq, record.at, replay=True)
+        tracked = scratch._tracked.get(instruction_id)
+        if tracked is not None:
+            tracked.feed_refs = 0
+        return tracked
+
+    def _lookup(self, instruction_id: str) -> _Tracked | None:
+        """The instruction, held or read back from the archive (without holding it again)."""
+        return self._tracked.get(instruction_id) or self._read_back(instruction_id)
+
+    def _revive(self, instruction_id: str, before: int) -> None:
+        """Hold an archived instruction again: a record about it is being applied."""
+        tracked = self._read_back(instruction_id, before)
+        if tracked is not None:
+            self._tracked[instruction_id] = tracked
+            self.archived -= 1
+
     # ------------------------------------------------------------------ reads
 
     def view(self, instruction_id: str) -> InstructionView | None:
-        tracked = self._tracked.get(instruction_id)
+        tracked = self._lookup(instruction_id)
         if tracked is None:
             return None
         latest = tracked.latest.instruction

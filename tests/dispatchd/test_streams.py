@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import socket
 from pathlib import Path
@@ -16,6 +17,7 @@ from contracts.io import ContractBook
 from dispatchd.simulate import wait_for
 from tests.conftest import pick
 from tests.dispatchd.channels_peers import (
+    FakeClock,
     channel_book,
     channel_config,
     next_event,
@@ -201,5 +203,61 @@ def test_a_client_that_stops_reading_is_dropped_without_delaying_others(
             assert got["id"] == f"big{i}"
         assert await wait_for(lambda: service.streams.connected("fsp") == 1, 5)
         assert service.metrics.stream_dropped.labels("fsp", "send_timeout")._value.get() == 1
+
+    run(scenario())
+
+
+def test_finished_instructions_leave_memory_and_still_answer(
+        tmp_path: Path, ws_book: ContractBook) -> None:
+    """After ``hold_finished_s`` a completed instruction is read back from the journal: its
+    status, an idempotent repeat and a restart all behave as before; a stream resuming from
+    events no longer held gets one gap frame, then what follows."""
+    contract = pick(ws_book)
+    clock = FakeClock()
+    config = channel_config(tmp_path, ws_book)
+    config = config.model_copy(update={"service": config.service.model_copy(
+        update={"hold_finished_s": 60.0, "archive_sweep_s": 0.05})})
+    body = instruction(contract, id="done",
+                       start=(clock.now + dt.timedelta(minutes=10)).isoformat(),
+                       end=(clock.now + dt.timedelta(minutes=70)).isoformat())
+
+    async def scenario() -> None:
+        async with serving(config, ws_book, clock=clock) as (service, client):
+            so, fsp = auth("so", contract.so), auth("fsp", contract.fsp)
+            assert (await client.post("/v1/instructions", headers=so, json=body)
+                    ).status_code == 202
+            r = await client.post("/v1/instructions/done/ack", headers=fsp,
+                                  json={"revision": 0, "response": "accepted"})
+            assert r.status_code == 200, r.text
+            clock.advance(dt.timedelta(minutes=71))
+            service.rearm()
+            assert await wait_for(lambda: service.engine.view("done").state.value  # type: ignore
+                                  == "completed", 5)
+            before = (await client.get("/v1/instructions/done", headers=so)).json()
+            held = service.engine.feed_length("fsp", contract.fsp)
+            clock.advance(dt.timedelta(minutes=2))
+            assert await wait_for(lambda: service.engine.archived == 1, 5)
+            assert len(service.engine) == 0
+            after = (await client.get("/v1/instructions/done", headers=so)).json()
+            for view in (before, after):
+                for revision in view["revisions"]:
+                    revision.pop("send_attempts")
+            assert after == before
+            again = await client.post("/v1/instructions", headers=so, json=body)
+            assert again.status_code == 200, again.text
+            async with stream(service, "fsp", contract.fsp, since=0) as ws:
+                gap = await next_event(ws)
+                assert (gap["event"], gap["from"], gap["to"]) == ("gap", 1, held)
+                fresh = instruction(contract, id="next",
+                                    start=(clock.now + dt.timedelta(minutes=10)).isoformat(),
+                                    end=(clock.now + dt.timedelta(minutes=70)).isoformat())
+                assert (await client.post("/v1/instructions", headers=so, json=fresh)
+                        ).status_code == 202
+                event = await next_event(ws)
+                assert (event["seq"], event["id"]) == (held + 1, "next")
+        async with serving(config, ws_book, clock=clock) as (service, client):
+            assert sorted(service.engine.ids()) == ["next"]
+            restarted = (await client.get("/v1/instructions/done", headers=so)).json()
+            assert restarted["state"] == "completed"
 
     run(scenario())

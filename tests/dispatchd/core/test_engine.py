@@ -34,10 +34,16 @@ class Harness:
     def __init__(self, book: ContractBook) -> None:
         self.book = book
         self.engine = Dispatcher(book, retry=RetryPolicy(initial_s=2, max_s=16, jitter=0),
-                                 rng=random.Random(1))
+                                 rng=random.Random(1), archive=self.records_of)
         self.now = NOW
         self.journal: list[Record] = []
         self.sent: list[Send] = []
+
+    def records_of(self, instruction_id: str) -> list[tuple[int, Record]]:
+        """The journal's records of one instruction (what the service reads from SQLite)."""
+        return [(seq, r) for seq, r in enumerate(self.journal, start=1)
+                if (r.instruction.id if isinstance(r, RevisionRecorded) else r.id)
+                == instruction_id]
 
     def commit(self, record: Record) -> list[Any]:
         self.journal.append(record)

@@ -44,7 +44,13 @@ class DispatchMachine(RuleBasedStateMachine):
         self.reached: list[Send] = []  # sends the broker took while it was up
 
     def _fresh(self) -> Dispatcher:
-        return Dispatcher(BOOK, retry=RetryPolicy(initial_s=5, max_s=40), rng=random.Random(0))
+        return Dispatcher(BOOK, retry=RetryPolicy(initial_s=5, max_s=40), rng=random.Random(0),
+                          archive=self._records_of)
+
+    def _records_of(self, instruction_id: str) -> list[tuple[int, Record]]:
+        return [(seq, r) for seq, r in enumerate(self.journal, start=1)
+                if (r.instruction.id if isinstance(r, RevisionRecorded) else r.id)
+                == instruction_id]
 
     def _commit(self, record: Record) -> None:
         self.journal.append(record)
@@ -123,6 +129,17 @@ class DispatchMachine(RuleBasedStateMachine):
         self.now += dt.timedelta(seconds=seconds)
         self._carry(self.engine.tick(self.now))
 
+    @rule(hours=st.integers(1, 4))
+    def time_passes(self, hours: int) -> None:
+        """Long enough for instructions to end, so there is finished work to let go of."""
+        for _ in range(hours * 4):
+            self.advance(900)
+
+    @rule(minutes=st.integers(0, 120))
+    def let_go_of_finished_work(self, minutes: int) -> None:
+        """What is finished and quiet leaves memory; every later question reads it back."""
+        self.engine.archive(self.now, dt.timedelta(minutes=minutes))
+
     @rule()
     def broker_goes_down(self) -> None:
         self.broker_up = False
@@ -139,6 +156,7 @@ class DispatchMachine(RuleBasedStateMachine):
         for seq, record in enumerate(self.journal, start=1):
             self.engine.apply(record, seq, self.now, replay=True)
         self._carry(self.engine.recover(self.now))
+        self.engine.archive(self.now, dt.timedelta(minutes=30))
         for instruction_id, view in before.items():
             after = self.engine.view(instruction_id)
             assert view is not None and after is not None
