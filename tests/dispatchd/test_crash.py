@@ -85,6 +85,7 @@ async def _watching(broker: LocalMosquitto, seen: list[tuple[str, int]]
     return monitor
 
 
+@pytest.mark.fault
 def test_every_202_reaches_its_fsp_across_kill_9(tmp_path: Path) -> None:
     """Rounds of kill -9 at a random point of a burst, with the broker up or down on
     alternate rounds: every 202'd id is delivered after the restart, only as revision 0."""
@@ -129,6 +130,7 @@ def test_every_202_reaches_its_fsp_across_kill_9(tmp_path: Path) -> None:
           f"{len(seen) - len({i for i, _ in seen})} (same id and revision)")
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("persistence", [True, False], ids=["persistent", "in-memory"])
 def test_every_202_reaches_its_fsp_across_a_broker_kill_mid_burst(
         tmp_path: Path, persistence: bool) -> None:

@@ -132,6 +132,7 @@ def test_email_goes_over_starttls_with_the_configured_credentials(
     run(scenario())
 
 
+@pytest.mark.fault
 def test_emails_sent_while_smtp_is_down_all_arrive_after_it_returns(
         tmp_path: Path, live_book: ContractBook) -> None:
     """Stop the SMTP server mid-stream, keep dispatching, restart it: every email arrives."""
@@ -169,6 +170,7 @@ def test_emails_sent_while_smtp_is_down_all_arrive_after_it_returns(
     run(scenario())
 
 
+@pytest.mark.fault
 def test_email_not_handed_over_before_a_restart_is_sent_after_it(
         tmp_path: Path, live_book: ContractBook) -> None:
     """The journal records what was handed to SMTP; a restart sends what was not."""
@@ -204,6 +206,7 @@ def webhook_market(book: ContractBook, fsp: str, receiver: WebhookReceiver
     return channel_book(book, {fsp: webhook}), {"HOOK_SECRET": receiver.secret}
 
 
+@pytest.mark.fault
 def test_webhook_is_signed_retried_after_5xx_and_received_exactly_as_signed(
         tmp_path: Path, live_book: ContractBook) -> None:
     """The receiver verifies the signature, answers 500 three times, then 200."""
@@ -321,6 +324,7 @@ def test_no_answer_by_respond_by_expires_and_escalates_by_the_clock(
     run(scenario())
 
 
+@pytest.mark.fault
 def test_deadline_passing_while_down_expires_and_escalates_after_restart(
         tmp_path: Path, live_book: ContractBook) -> None:
     """respond_by passes while dispatchd is stopped: on start-up it expires and escalates."""

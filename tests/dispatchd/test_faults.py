@@ -32,6 +32,7 @@ def small_disk(tmp_path: Path) -> object:
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.fault
 def test_a_full_disk_refuses_new_instructions_and_loses_none(
         tmp_path: Path, live_book: ContractBook, small_disk: Path) -> None:
     book = channel_book(live_book, {})
@@ -83,6 +84,7 @@ def test_a_full_disk_refuses_new_instructions_and_loses_none(
     print(f"\ndisk full: {len(accepted)} accepted, all kept after a restart")
 
 
+@pytest.mark.fault
 def test_beyond_the_journal_queue_requests_get_503_not_a_promise(
         tmp_path: Path, live_book: ContractBook) -> None:
     """With a tiny journal queue and a flood of requests, the ones that do not fit are
