@@ -5,10 +5,14 @@ Run: ``./dev bench bench_load`` (or ``python bench/bench_load.py [--rate R] [--m
 A private Mosquitto and ``dispatchd serve`` on a sample market (3 SOs, 50 FSPs); locust
 (headless, ``bench/locustfile.py``) runs SO users issuing ``--rate`` instructions per
 second in all and one FSP user per FSP following its changes and acknowledging every new
-revision. Reported: requests, failures and p50/p99 per stage (submit, ack, changes), the
-instructions acknowledged at the end, and dispatchd's resident memory at the start and the
-end. DESIGN §7 names 1,000 accepted instructions a second; on this machine one dispatchd
-takes about 500 (see ``bench_dispatch.py``), so the default rate is below that.
+revision. Instructions end ``--lifetime-s`` after they are issued and dispatchd holds
+finished ones for ``--hold-s``, so that within the run the held set reaches a steady state:
+memory must then stop growing. Reported: requests, failures and p50/p99 per stage (submit,
+ack, changes), the instructions acknowledged, and dispatchd's resident memory and held
+instructions over time: at the start, once instructions finish and are let go of (the
+steady state), and at the end. DESIGN §7 names 1,000 accepted instructions a second; on
+this machine one dispatchd takes about 500 (see ``bench_dispatch.py``) and locust shares
+its two cores, so the default rate is below that.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,23 +46,47 @@ def rss_mib(pid: int) -> float:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=int, default=200, help="instructions per second")
-    parser.add_argument("--minutes", type=float, default=3.0, help="how long")
+    parser.add_argument("--minutes", type=float, default=6.0, help="how long")
+    parser.add_argument("--lifetime-s", type=float, default=60.0,
+                        help="seconds from issue to an instruction's end")
+    parser.add_argument("--hold-s", type=float, default=30.0,
+                        help="service.hold_finished_s: how long finished ones stay in memory")
     args = parser.parse_args(argv)
+    steady_after = args.lifetime_s + args.hold_s + 30
     with tempfile.TemporaryDirectory(prefix="flexops-load-") as tmp:
         root = Path(tmp)
         book = build_sample()
         dump_contracts(book, root / "contracts.json")
         tokens = write_sample_config(book, root)
+        config = (root / "config.toml").read_text()
+        (root / "config.toml").write_text(config.replace(
+            "[service]\n", f"[service]\nhold_finished_s = {args.hold_s}\n"
+            "archive_sweep_s = 5.0\n", 1))
         with LocalMosquitto(directory=root / "mqtt") as broker:
             service = DispatchdProcess(root / "config.toml", mqtt_url=broker.url).start()
             try:
                 time.sleep(1)
-                start_rss = rss_mib(service.process.pid)
+                samples: list[tuple[float, float, int]] = []
+                stop = threading.Event()
+                began = time.monotonic()
+
+                def sample() -> None:
+                    with httpx.Client(base_url=service.url) as client:
+                        while True:
+                            held = client.get("/healthz").json()["instructions"]
+                            samples.append((time.monotonic() - began,
+                                            rss_mib(service.process.pid), held))
+                            if stop.wait(15):
+                                return
+
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
                 fsps = len(tokens["fsp"])
                 users = args.rate + fsps
                 env = {**os.environ, "FLEXOPS_TOKENS": str(root / "tokens.json"),
                        "FLEXOPS_CONTRACTS": str(root / "contracts.json"),
-                       "FLEXOPS_FSP_USERS": str(fsps)}
+                       "FLEXOPS_FSP_USERS": str(fsps),
+                       "FLEXOPS_LIFETIME_S": str(args.lifetime_s)}
                 run = subprocess.run(
                     [sys.executable, "-m", "locust", "-f",
                      str(Path(__file__).with_name("locustfile.py")), "--headless",
@@ -65,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                      "--run-time", f"{int(args.minutes * 60)}s", "--csv", str(root / "load"),
                      "--only-summary", "--stop-timeout", "5"],
                     capture_output=True, text=True, env=env, check=False)
-                end_rss = rss_mib(service.process.pid)
+                stop.set()
+                sampler.join()
                 with httpx.Client(base_url=service.url) as client:
                     metrics = client.get("/metrics").text
             finally:
@@ -87,11 +117,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
               f"{float(row['Requests/s']):7.1f} {row['50%']:>7} {row['99%']:>7}")
         figures[f"{name}_p99_ms"] = float(row["99%"] or "nan")
         figures[f"{name}_failures"] = float(row["Failure Count"])
-    print(f"instructions acknowledged at the end: {acknowledged:.0f}")
-    print(f"dispatchd memory: {start_rss:.0f} MiB at start, {end_rss:.0f} MiB at the end "
-          f"(holding every instruction of the run in memory)")
+    print(f"instructions acknowledged (held at the end): {acknowledged:.0f}")
+    print(f"dispatchd over time (instructions end {args.lifetime_s:g} s after issue, "
+          f"finished ones held {args.hold_s:g} s):")
+    print(f"{'s':>6} {'RSS MiB':>8} {'held':>7}")
+    for at, rss, held in samples:
+        print(f"{at:6.0f} {rss:8.0f} {held:7d}")
+    start_rss = samples[0][1]
+    steady = [s for s in samples if s[0] >= steady_after]
+    end_rss = samples[-1][1]
     figures |= {"start_rss_mib": start_rss, "end_rss_mib": end_rss,
                 "acknowledged": acknowledged}
+    if len(steady) >= 2:
+        growth = (steady[-1][1] - steady[0][1]) / ((steady[-1][0] - steady[0][0]) / 60)
+        print(f"memory: {start_rss:.0f} MiB at start, {steady[0][1]:.0f} MiB at the steady "
+              f"state ({steady[0][0]:.0f} s), {end_rss:.0f} MiB at the end: "
+              f"{growth:+.1f} MiB/min in the steady state")
+        figures["steady_growth_mib_per_min"] = growth
     print(json.dumps(figures))
     return figures
 

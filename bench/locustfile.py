@@ -2,9 +2,10 @@
 control centres following their instructions and acknowledging each one.
 
 Configuration comes from the environment (the runner sets it): ``FLEXOPS_TOKENS`` (the
-``tokens.json`` path) and ``FLEXOPS_CONTRACTS`` (the contracts file). Each SO user issues
-one instruction per second; each FSP user polls its changes twice a second and answers
-every new revision.
+``tokens.json`` path), ``FLEXOPS_CONTRACTS`` (the contracts file) and
+``FLEXOPS_LIFETIME_S`` (how long after issue an instruction ends; default 70 min). Each SO
+user issues one instruction per second; each FSP user polls its changes twice a second and
+answers every new revision.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ TOKENS = json.loads(open(os.environ["FLEXOPS_TOKENS"]).read())  # noqa: SIM115
 _CONTRACTS = json.loads(open(os.environ["FLEXOPS_CONTRACTS"]).read())["contracts"]  # noqa: SIM115
 USABLE = [c for c in _CONTRACTS if c["service"] in ("dynamic", "restore")]
 _fsp_turn = itertools.cycle(sorted(TOKENS["fsp"]))
+LIFETIME = dt.timedelta(seconds=float(os.environ.get("FLEXOPS_LIFETIME_S", "4200")))
+"""From issue to end; shorter than the 70 min default, the request carries an override."""
+LEAD = min(dt.timedelta(minutes=10), LIFETIME / 6)
 
 
 class ControlRoom(FastHttpUser):
@@ -35,8 +39,10 @@ class ControlRoom(FastHttpUser):
         now = dt.datetime.now(dt.UTC)
         body = {"id": uuid.uuid4().hex, "contract_id": contract["id"],
                 "capacity_mw": contract["contracted_mw"],
-                "start": (now + dt.timedelta(minutes=10)).isoformat(),
-                "end": (now + dt.timedelta(minutes=70)).isoformat(), "note": "load test"}
+                "start": (now + LEAD).isoformat(),
+                "end": (now + LIFETIME).isoformat(), "note": "load test"}
+        if LIFETIME.total_seconds() < 4200:
+            body["override"] = "load test: short notice and run time"
         self.client.post("/v1/instructions", json=body, name="submit",
                          headers={"Authorization": f"Bearer {TOKENS['so'][contract['so']]}"})
 
