@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dispatchd.core.engine import InstructionView
@@ -95,6 +95,67 @@ class InstructionOut(BaseModel):
 class PageOut(BaseModel):
     instructions: list[InstructionOut]
     cursor: int
+
+
+class RelayOutcome(BaseModel):
+    """What became of one dispatch of a relayed message."""
+
+    external_id: str
+    id: str | None = None
+    """Our instruction id for it (``platform:external id``)."""
+    status: str
+    """``relayed`` (journaled and delivered), ``repeat`` (the same dispatch again),
+    ``held`` (its FSP is not mapped: kept, alarmed, relayed once mapped), ``withdrawn`` (a
+    held dispatch cancelled before delivery) or ``refused`` (see ``reason``)."""
+    fsp: str | None = None
+    state: str | None = None
+    unreconciled: list[str] | None = None
+    """What the mapping still lacks; settlement waits until it is reconciled."""
+    reason: str | None = None
+    revision: int | None = None
+    status_url: str | None = None
+
+
+class RelayOut(BaseModel):
+    dispatches: list[RelayOutcome]
+
+
+class MappingIn(BaseModel):
+    ours: str = Field(min_length=1, max_length=128)
+    """Our id (an FSP, contract or asset in the contracts file)."""
+
+
+class MappingOut(BaseModel):
+    kind: str
+    external: str
+    ours: str
+
+
+class MappingsOut(BaseModel):
+    platform: str
+    mappings: list[MappingOut]
+    released: list[dict[str, Any]] = []
+    """Held dispatches relayed because of this change."""
+
+
+class HeldOut(BaseModel):
+    key: str
+    platform: str
+    external_id: str
+    reason: str
+    at: dt.datetime
+    dispatch: dict[str, Any]
+
+
+class ExceptionsOut(BaseModel):
+    held: list[HeldOut]
+    unreconciled: list[InstructionOut]
+
+
+class ReconcileIn(BaseModel):
+    contract_id: str = Field(min_length=1, max_length=128)
+    assets: list[str] = []
+    """The contract's assets the instruction is for; empty: all of them."""
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -279,6 +340,91 @@ def create_app(service: Service) -> Any:
     async def ack(instruction_id: str, body: Ack,
                   who: Annotated[Caller, Depends(fsp)]) -> Response:
         view, created = await service.acknowledge(who.id, instruction_id, body)
+        return answer(view, created, status=200)
+
+    # ------------------------------------------------------------------ relay intake
+
+    async def platform(who: Annotated[Caller, Depends(caller)]) -> Caller:
+        if who.role != "platform":
+            raise Refusal(403, (Problem("authorization", "only a relaying platform may do "
+                                        "this"),))
+        return who
+
+    @app.post("/v1/relay/{platform_name}/dispatches", status_code=202,
+              responses=_ok(202, "what became of each dispatch", RelayOut),
+              summary="Relay a platform's dispatch message, in the platform's own shape",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {}}}}})
+    async def relay(platform_name: str, request: Request,
+                    who: Annotated[Caller, Depends(platform)]) -> Response:
+        """Delivered first, reconciled later: a dispatch whose FSP is known goes out at
+        once, even when its contract or assets are not mapped yet; one whose FSP is not
+        known is held and alarmed until the mapping is added."""
+        if who.id != platform_name:
+            raise Refusal(404, (Problem("platform", f"no relay platform {platform_name!r} "
+                                        f"for {who.id}"),))
+        outcomes = await service.relay(platform_name, await request.body(),
+                                       request.headers.get("content-type", ""))
+        if outcomes and all(o["status"] == "refused" for o in outcomes):
+            raise Refusal(422, tuple(Problem(o["external_id"], o["reason"]) for o in outcomes))
+        return _json({"dispatches": outcomes}, 202)
+
+    def mappings_body(platform_name: str, released: list[dict[str, Any]]) -> Response:
+        return _json({"platform": platform_name, "released": released, "mappings": [
+            {"kind": k, "external": e, "ours": o}
+            for k, e, o in service.engine.mappings(platform_name)]})
+
+    def own_platform(so_id: str, platform_name: str) -> None:
+        found = service.config.relay.platforms.get(platform_name)
+        if found is None or found.so != so_id:
+            raise Refusal(404, (Problem("platform", f"no relay platform {platform_name!r} "
+                                        f"for {so_id}"),))
+
+    @app.get("/v1/relay/{platform_name}/mappings", responses=_ok(200, "the mappings",
+                                                                  MappingsOut),
+             summary="A platform's mapping table: its ids to ours (SO)")
+    async def get_mappings(platform_name: str, who: Annotated[Caller, Depends(so)]
+                           ) -> Response:
+        own_platform(who.id, platform_name)
+        return mappings_body(platform_name, [])
+
+    @app.put("/v1/relay/{platform_name}/mappings/{kind}/{external}",
+             responses=_ok(200, "the mappings, and the held dispatches now relayed",
+                           MappingsOut),
+             summary="Map one of a platform's ids to ours; held dispatches go out (SO)")
+    async def put_mapping(platform_name: str, kind: str, external: str, body: MappingIn,
+                          who: Annotated[Caller, Depends(so)]) -> Response:
+        own_platform(who.id, platform_name)
+        released = await service.set_mapping(who.id, platform_name, kind, external, body.ours)
+        return mappings_body(platform_name, released)
+
+    @app.delete("/v1/relay/{platform_name}/mappings/{kind}/{external}",
+                responses=_ok(200, "the mappings", MappingsOut),
+                summary="Remove a mapping (SO)")
+    async def delete_mapping(platform_name: str, kind: str, external: str,
+                             who: Annotated[Caller, Depends(so)]) -> Response:
+        own_platform(who.id, platform_name)
+        released = await service.set_mapping(who.id, platform_name, kind, external, None)
+        return mappings_body(platform_name, released)
+
+    @app.get("/v1/relay/exceptions", responses=_ok(200, "held and unreconciled",
+                                                    ExceptionsOut),
+             summary="Relayed dispatches held for want of an FSP mapping, and relayed "
+             "instructions not yet reconciled (SO)")
+    async def exceptions(who: Annotated[Caller, Depends(so)]) -> Response:
+        held = [{"key": h.key, "platform": h.platform, "external_id": h.external_id,
+                 "reason": h.reason, "at": h.at.isoformat(), "dispatch": h.dispatch}
+                for h in service.engine.held(who.id)]
+        unreconciled = [v.as_json() for v in service.engine.unreconciled_views(who.id)]
+        return _json({"held": held, "unreconciled": unreconciled})
+
+    @app.post("/v1/instructions/{instruction_id}/reconcile",
+              responses=_ok(200, "the instruction, attached to its contract"),
+              summary="Attach a relayed instruction to its contract and assets (SO)")
+    async def reconcile(instruction_id: str, body: ReconcileIn,
+                        who: Annotated[Caller, Depends(so)]) -> Response:
+        view, created = await service.reconcile(who.id, instruction_id, body.contract_id,
+                                                tuple(body.assets))
         return answer(view, created, status=200)
 
     # ------------------------------------------------------------------ streams

@@ -123,6 +123,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--instructions", type=int, default=300, help="size of the burst")
     demo.add_argument("--rate", type=float, default=100.0, help="instructions per second")
 
+    relay = sub.add_parser(
+        "relay", help="another platform's id mappings and held dispatches (SO)",
+        description="The mapping table of a relaying platform (its FSP, contract and asset "
+        "ids to ours) and the exceptions list. Adding a mapping relays at once every held "
+        "dispatch it identifies. Exit status 0 on success, 1 when refused.")
+    relay_sub = relay.add_subparsers(dest="relay_command", required=True, metavar="ACTION")
+    relay_map = relay_sub.add_parser("map", help="map one external id to ours")
+    relay_unmap = relay_sub.add_parser("unmap", help="remove a mapping")
+    for action in (relay_map, relay_unmap):
+        _client_args(action)
+        action.add_argument("platform", help="the platform's name in [relay.platforms]")
+        action.add_argument("kind", choices=("fsp", "contract", "asset"))
+        action.add_argument("external", help="the platform's id")
+    relay_map.add_argument("ours", help="our FSP, contract or asset id")
+    relay_list = relay_sub.add_parser("mappings", help="print a platform's mappings")
+    _client_args(relay_list)
+    relay_list.add_argument("platform")
+    relay_exceptions = relay_sub.add_parser(
+        "exceptions", help="print held dispatches and unreconciled instructions")
+    _client_args(relay_exceptions)
+    reconcile = sub.add_parser(
+        "reconcile", help="attach a relayed instruction to its contract (SO)",
+        description="Attach a relayed instruction that was delivered without a mapped "
+        "contract to its contract (and assets: all the contract's unless named). Settlement "
+        "invoices it only once reconciled. Exit status 0 on success, 1 when refused.")
+    _client_args(reconcile)
+    reconcile.add_argument("id", help="the instruction id (platform:external id)")
+    reconcile.add_argument("--contract", required=True, help="our contract id")
+    reconcile.add_argument("--assets", help="comma-separated subset of the contract's assets")
     sub.add_parser("webhook-secret", help="print a new webhook signing secret",
                    description="Print a new random secret in the Standard Webhooks form "
                    "(whsec_ + base64). Put it in the environment variable that the FSP's "
@@ -305,6 +334,63 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _call(method: str, url: str, token: str | None, body: Any = None
+          ) -> dict[str, Any] | None:
+    """One API call; the answer's JSON, or None after printing why it failed."""
+    try:
+        response = httpx.request(method, url, json=body, headers=_headers(token), timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"dispatchd: cannot reach {url}: {exc}", file=sys.stderr)
+        return None
+    if response.status_code >= 300:
+        _print_refusal(response)
+        return None
+    return dict(response.json())
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    base = f"{args.url}/v1/relay"
+    if args.relay_command == "exceptions":
+        data = _call("GET", f"{base}/exceptions", args.token)
+        if data is None:
+            return 1
+        print(f"held (no FSP mapping, not delivered): {len(data['held'])}")
+        for held in data["held"]:
+            print(f"  {held['at']}  {held['platform']} {held['external_id']}: {held['reason']}")
+        print(f"unreconciled (delivered, not settled until reconciled): "
+              f"{len(data['unreconciled'])}")
+        for item in data["unreconciled"]:
+            missing = "; ".join(item["instruction"]["unreconciled"])
+            print(f"  {item['id']} -> {item['instruction']['fsp']}: {missing}")
+        return 0
+    if args.relay_command == "mappings":
+        data = _call("GET", f"{base}/{args.platform}/mappings", args.token)
+    else:
+        url = f"{base}/{args.platform}/mappings/{args.kind}/{args.external}"
+        data = (_call("PUT", url, args.token, {"ours": args.ours})
+                if args.relay_command == "map" else _call("DELETE", url, args.token))
+    if data is None:
+        return 1
+    for mapping in data["mappings"]:
+        print(f"{mapping['kind']:<9} {mapping['external']} -> {mapping['ours']}")
+    for item in data["released"]:
+        print(f"released: {item['external_id']} relayed as {item['id']} to {item['fsp']}")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"contract_id": args.contract}
+    if args.assets:
+        body["assets"] = args.assets.split(",")
+    data = _call("POST", f"{args.url}/v1/instructions/{args.id}/reconcile", args.token, body)
+    if data is None:
+        return 1
+    inst = data["instruction"]
+    print(f"{'reconciled' if data['created'] else 'already reconciled'}: {data['id']} "
+          f"contract {inst['contract_id']} assets {','.join(inst['assets'])}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from contracts.io import ContractsFileError, load_contracts
     from dispatchd.config import ConfigError, load_config
@@ -340,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_export(args)
     if args.command == "broker-config":
         return cmd_broker_config(args)
+    if args.command == "relay":
+        return cmd_relay(args)
+    if args.command == "reconcile":
+        return cmd_reconcile(args)
     if args.command == "webhook-secret":
         from dispatchd.webhooks import new_secret
 

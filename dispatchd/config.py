@@ -181,7 +181,7 @@ class WebhookConfig(Frozen):
 
 
 class Principal(Frozen):
-    role: Literal["so", "fsp"]
+    role: Literal["so", "fsp", "platform"]
     id: Id
     token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     """SHA-256 (hex) of the bearer token; the token itself is never stored."""
@@ -189,6 +189,26 @@ class Principal(Frozen):
 
 class AuthConfig(Frozen):
     principals: tuple[Principal, ...] = ()
+
+
+class RelayPlatform(Frozen):
+    """Another platform whose dispatches dispatchd relays (``[relay.platforms.NAME]``)."""
+
+    so: Id
+    """The SO whose platform it is: its instructions are that SO's."""
+    mapper: str = "json"
+    """How its messages are read: ``json`` (built in) or ``package.module:Class``."""
+    response_minutes: int = Field(default=15, ge=1, le=1440)
+    """respond_by for a relayed instruction whose message gives none and whose contract
+    is not mapped yet (a mapped contract's response time wins)."""
+
+
+class RelayConfig(Frozen):
+    operations_emails: tuple[str, ...] = ()
+    """Who is told by email when a relayed message is held (its FSP is not mapped)."""
+    platforms: dict[Id, RelayPlatform] = Field(default_factory=dict)
+    """One ``[relay.platforms.NAME]`` table per platform; a platform authenticates with a
+    ``role = "platform"`` principal of the same name."""
 
 
 class Config(Frozen):
@@ -199,6 +219,7 @@ class Config(Frozen):
     websocket: WebsocketConfig = WebsocketConfig()
     email: EmailConfig = EmailConfig()
     webhook: WebhookConfig = WebhookConfig()
+    relay: RelayConfig = RelayConfig()
     auth: AuthConfig = AuthConfig()
 
 

@@ -82,7 +82,8 @@ def _rows(view: InstructionView) -> list[dict[str, Any]]:
             "test": inst.test, "override": inst.override, "cancel_reason": inst.cancel_reason,
             "external_platform": ref.platform if ref else None,
             "external_id": ref.id if ref else None,
-            "reconciliation": "mapped" if ref else "direct",
+            "reconciliation": "unmapped" if inst.unreconciled else
+                              "mapped" if ref else "direct",
         })
     return rows
 

@@ -21,7 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dispatchd.core.engine import EventRecorded, Record, RevisionRecorded
+from dispatchd.core.engine import (
+    EventRecorded,
+    Record,
+    RelayKind,
+    RelayRecorded,
+    RevisionRecorded,
+)
 from dispatchd.core.instruction import Instruction
 from dispatchd.core.lifecycle import Event
 
@@ -61,15 +67,24 @@ class JournalSettings:
     """Most records waiting for the writer; beyond it :meth:`Journal.append` is refused."""
 
 
+_RELAY_PREFIX = "relay."
+
+
 def _encode(record: Record) -> tuple[str, str, int, str | None, str | None, str | None, str, str]:
+    if isinstance(record, RelayRecorded):
+        return ("event", record.key, 0, record.detail.get("so"), None,
+                _RELAY_PREFIX + record.kind.value, record.at.isoformat(),
+                json.dumps(record.detail, separators=(",", ":")))
     if isinstance(record, RevisionRecorded):
         inst = record.instruction
         body = json.dumps({"instruction": inst.as_json,
                            "content": record.content}, separators=(",", ":"))
         return ("revision", inst.id, inst.revision, inst.so, inst.fsp, None,
                 record.at.isoformat(), body)
-    body = json.dumps({"channel": record.channel, "reason": record.reason},
-                      separators=(",", ":"))
+    fields: dict[str, object] = {"channel": record.channel, "reason": record.reason}
+    if record.detail is not None:
+        fields["detail"] = record.detail
+    body = json.dumps(fields, separators=(",", ":"))
     return ("event", record.id, record.revision, None, None, record.event.value,
             record.at.isoformat(), body)
 
@@ -80,8 +95,11 @@ def _decode(kind: str, id_: str, revision: int, event: str | None, at: str, body
     if kind == "revision":
         return RevisionRecorded(Instruction.model_validate(data["instruction"]),
                                 data["content"], when)
+    assert event is not None
+    if event.startswith(_RELAY_PREFIX):
+        return RelayRecorded(RelayKind(event.removeprefix(_RELAY_PREFIX)), id_, when, data)
     return EventRecorded(id_, revision, Event(event), when, data.get("channel"),
-                         data.get("reason"))
+                         data.get("reason"), data.get("detail"))
 
 
 def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:

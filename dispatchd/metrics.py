@@ -83,10 +83,19 @@ class Metrics:
             "flexops_mqtt_connected", "1 while connected to the broker", registry=r)
         self.mqtt_reconnects = Counter(
             "flexops_mqtt_reconnects", "Broker connection attempts after a failure", registry=r)
+        self.relay_messages = Counter(
+            "flexops_relay_dispatches",
+            "Dispatches from relaying platforms, by outcome (relayed, repeat, held, released, "
+            "withdrawn, refused, unreadable)", ["platform", "status"], registry=r)
+        self.relay_held_total = Counter(
+            "flexops_relay_held", "Relayed dispatches held because their FSP is not mapped "
+            "(the alarm)", ["platform"], registry=r)
 
     def watch(self, *, states: Callable[[], Mapping[str, int]], journal_depth: Callable[[], int],
               send_depth: Callable[[], int], email_depth: Callable[[], int],
-              webhook_depth: Callable[[], int], unacknowledged: Callable[[], int]) -> None:
+              webhook_depth: Callable[[], int], unacknowledged: Callable[[], int],
+              held: Callable[[], int] = lambda: 0,
+              unreconciled: Callable[[], int] = lambda: 0) -> None:
         """Register the gauges read at scrape time from the running service."""
         self.registry.register(_StateCounts(states))
         for name, doc, fn in (
@@ -99,5 +108,9 @@ class Metrics:
              webhook_depth),
             ("flexops_unacknowledged", "Instructions whose latest revision awaits the FSP",
              unacknowledged),
+            ("flexops_relay_held_now", "Relayed dispatches held now, waiting for an FSP "
+             "mapping", held),
+            ("flexops_unreconciled", "Relayed instructions not yet attached to a contract",
+             unreconciled),
         ):
             Gauge(name, doc, registry=self.registry).set_function(fn)

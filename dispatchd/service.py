@@ -32,13 +32,22 @@ from dispatchd.channels.email import (
     EmailChannel,
     OutgoingEmail,
     escalation_email,
+    held_email,
     instruction_email,
 )
 from dispatchd.channels.mqtt import MqttChannel, Outgoing
 from dispatchd.channels.settings import check_channels
 from dispatchd.channels.stream import StreamHub
 from dispatchd.channels.webhook import OutgoingWebhook, WebhookChannel
-from dispatchd.config import Config, Principal, mqtt_password, secret_from_env, token_digest
+from dispatchd.config import (
+    Config,
+    ConfigError,
+    Principal,
+    RelayPlatform,
+    mqtt_password,
+    secret_from_env,
+    token_digest,
+)
 from dispatchd.core.engine import (
     Action,
     Decision,
@@ -46,11 +55,14 @@ from dispatchd.core.engine import (
     Escalate,
     EventRecorded,
     Existing,
+    HeldMessage,
     InstructionView,
     Notify,
     Persist,
     Record,
     Refused,
+    RelayKind,
+    RelayRecorded,
     RetryPolicy,
     RevisionRecorded,
     Send,
@@ -69,6 +81,17 @@ from dispatchd.core.validation import Problem
 from dispatchd.gcpolicy import GcPolicy
 from dispatchd.journal import Journal, JournalError, JournalSettings
 from dispatchd.metrics import Metrics
+from dispatchd.relay import KINDS as RELAY_KINDS
+from dispatchd.relay import (
+    ExternalDispatch,
+    Mapper,
+    MapperError,
+    Unidentified,
+    load_mapper,
+)
+from dispatchd.relay import dispatch_json as relay_dispatch_json
+from dispatchd.relay import instruction_id as relay_instruction_id
+from dispatchd.relay import resolve as relay_resolve
 
 log = logging.getLogger("dispatchd")
 
@@ -81,10 +104,28 @@ def utcnow() -> dt.datetime:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling: ``role`` is ``so`` or ``fsp``."""
+    """Who is calling: ``role`` is ``so``, ``fsp`` or ``platform`` (a relaying platform)."""
 
     role: str
     id: str
+
+
+def _relay_mappers(book: ContractBook, config: Config) -> dict[str, Mapper]:
+    """Each relay platform's mapper; ConfigError lists every platform that cannot work."""
+    mappers: dict[str, Mapper] = {}
+    problems = []
+    for name, platform in config.relay.platforms.items():
+        if platform.so not in book.system_operators:
+            problems.append(f"relay.platforms.{name}.so: no SO {platform.so!r} in the "
+                            "contracts file")
+        try:
+            mappers[name] = load_mapper(platform.mapper)
+        except ValueError as exc:
+            problems.append(f"relay.platforms.{name}.mapper: {exc}")
+    if problems:
+        raise ConfigError(f"{len(problems)} relay setting problem(s):\n  "
+                          + "\n  ".join(problems))
+    return mappers
 
 
 class Refusal(Exception):
@@ -135,6 +176,7 @@ class Service:
         (secrets are read from ``environ``, by default the process environment)."""
         environ = os.environ if environ is None else environ
         webhook_keys = check_channels(book, config, environ)
+        self._mappers = _relay_mappers(book, config)
         self.config = config
         self.book = book
         self.clock = clock
@@ -228,6 +270,8 @@ class Service:
             email_depth=lambda: self.email.depth,
             webhook_depth=lambda: self.webhook.depth,
             unacknowledged=self.engine.unacknowledged,
+            held=lambda: len(self.engine.held()),
+            unreconciled=self.engine.unreconciled,
         )
         sock = socket.create_server((self.config.service.host, self.config.service.port),
                                     reuse_port=False, backlog=2048)
@@ -424,13 +468,15 @@ class Service:
         seq = await self.journal.append(record)
         now = self.clock()
         actions = self.engine.apply(record, seq, now)
-        view = self.engine.view(record.id if isinstance(record, EventRecorded)
-                                else record.instruction.id)
-        if view is not None:
-            self._observe(record, view, now)
+        if not isinstance(record, RelayRecorded):
+            view = self.engine.view(record.id if isinstance(record, EventRecorded)
+                                    else record.instruction.id)
+            if view is not None:
+                self._observe(record, view, now)
         self._execute(actions)
 
-    def _observe(self, record: Record, view: InstructionView, now: dt.datetime) -> None:
+    def _observe(self, record: EventRecorded | RevisionRecorded, view: InstructionView,
+                 now: dt.datetime) -> None:
         if isinstance(record, RevisionRecorded):
             self.metrics.transitions.labels(view.latest.state.value).inc()
             return
@@ -512,6 +558,173 @@ class Service:
                           ) -> tuple[InstructionView, bool]:
         async with self._serial(instruction_id):
             decision = self.engine.decide_ack(fsp, instruction_id, ack, self.clock())
+            return await self._carry_out(decision)
+
+    # ------------------------------------------------------------------ relay intake
+
+    def _platform(self, platform: str) -> RelayPlatform:
+        found = self.config.relay.platforms.get(platform)
+        if found is None:
+            raise Refusal(404, (Problem("platform", f"no relay platform {platform!r}"),))
+        return found
+
+    async def relay(self, platform: str, body: bytes, content_type: str
+                    ) -> list[dict[str, Any]]:
+        """Relay what ``platform`` sent: each dispatch is relayed (possibly unreconciled),
+        a repeat, or held for want of an FSP mapping. Raises :class:`Refusal` (422) for a
+        message the platform's mapper cannot read; nothing of it is then journaled."""
+        settings = self._platform(platform)
+        try:
+            dispatches = self._mappers[platform].parse(body, content_type)
+        except MapperError as exc:
+            self.metrics.relay_messages.labels(platform, "unreadable").inc()
+            raise Refusal(422, (Problem("body", f"{platform}: {exc}"),)) from exc
+        outcomes = []
+        for dispatch in dispatches:
+            try:
+                outcome = await self._relay_one(platform, settings, dispatch, body)
+            except MapperError as exc:
+                outcome = {"external_id": dispatch.external_id, "status": "refused",
+                           "reason": str(exc)}
+            self.metrics.relay_messages.labels(platform, outcome["status"]).inc()
+            outcomes.append(outcome)
+        return outcomes
+
+    async def _relay_one(self, platform: str, settings: RelayPlatform,
+                         dispatch: ExternalDispatch, raw: bytes) -> dict[str, Any]:
+        our_id = relay_instruction_id(platform, dispatch.external_id)
+        base = {"external_id": dispatch.external_id, "id": our_id}
+        if dispatch.kind == "cancel":
+            try:
+                view, created = await self.cancel(settings.so, our_id, CancelRequest(
+                    reason=dispatch.reason or f"cancelled on {platform}"))
+            except Refusal as refusal:
+                key = f"{platform}:{dispatch.external_id}"
+                if refusal.status != 404 or key not in {
+                        h.key for h in self.engine.held(settings.so)}:
+                    raise MapperError(f"cancel {dispatch.external_id}: "
+                                      f"{refusal.problems[0].reason}") from refusal
+                why = dispatch.reason or f"cancelled on {platform}"
+                await self._journal_or_503(RelayRecorded(
+                    RelayKind.RELEASED, key, self.clock(),
+                    {"platform": platform, "so": settings.so, "instruction_id": None,
+                     "withdrawn": why}))
+                return base | {"status": "withdrawn", "reason": "it was held, never "
+                               f"delivered; now withdrawn: {why}"}
+            return base | {"status": "relayed" if created else "repeat",
+                           "revision": view.latest.instruction.revision}
+        resolved = relay_resolve(
+            dispatch, platform=platform, so=settings.so, lookup=self.engine.mapping,
+            book=self.book, now=self.clock(), response_minutes=settings.response_minutes)
+        if isinstance(resolved, Unidentified):
+            return base | await self._hold(platform, settings, dispatch, raw, resolved.reason)
+        async with self._serial(resolved.id):
+            decision = self.engine.decide_relay(settings.so, resolved, self.clock())
+            if isinstance(decision, Refused):
+                raise MapperError(f"dispatch {dispatch.external_id}: " + "; ".join(
+                    f"{p.field}: {p.reason}" for p in decision.problems))
+            view, created = await self._carry_out(decision)
+        unreconciled = list(view.latest.instruction.unreconciled)
+        return base | {"status": "relayed" if created else "repeat", "fsp": view.fsp,
+                       "state": view.state.value, "unreconciled": unreconciled,
+                       "status_url": f"{self.base_url}/v1/instructions/{view.id}"}
+
+    async def _hold(self, platform: str, settings: RelayPlatform, dispatch: ExternalDispatch,
+                    raw: bytes, reason: str) -> dict[str, Any]:
+        key = f"{platform}:{dispatch.external_id}"
+        already = {h.key: h for h in self.engine.held(settings.so)}.get(key)
+        if already is not None:
+            if already.dispatch != relay_dispatch_json(dispatch):
+                raise MapperError(f"dispatch {dispatch.external_id} is held with other "
+                                  "content; a changed dispatch needs a new id")
+            return {"status": "held", "reason": already.reason}
+        record = RelayRecorded(RelayKind.HELD, key, self.clock(), {
+            "platform": platform, "so": settings.so, "external_id": dispatch.external_id,
+            "reason": reason, "dispatch": relay_dispatch_json(dispatch),
+            "raw": raw.decode("utf-8", "replace")})
+        await self._journal_or_503(record)
+        self.metrics.relay_held_total.labels(platform).inc()
+        log.warning("held %s dispatch %s: %s", platform, dispatch.external_id, reason)
+        self._tell_operations(self.engine.held(settings.so)[-1])
+        return {"status": "held", "reason": reason}
+
+    async def _journal_or_503(self, record: RelayRecorded) -> None:
+        try:
+            await self._journal_and_apply(record)
+        except JournalError as exc:
+            raise Refusal(503, (Problem("journal", f"not recorded: {exc}"),),
+                          retry_after=1) from exc
+
+    def _tell_operations(self, held: HeldMessage) -> None:
+        to = self.config.relay.operations_emails
+        if not self.config.email.enabled or not to:
+            return
+        self.email.enqueue(OutgoingEmail(
+            f"relay:{held.platform}",
+            partial(held_email, held, sender=self.config.email.from_address, to=to,
+                    base_url=self.base_url),
+            lambda: True, lambda: None,
+            lambda reason: log.error("operations email about %s refused: %s", held.key,
+                                     reason)))
+
+    async def set_mapping(self, so: str, platform: str, kind: str, external: str,
+                          ours: str | None) -> list[dict[str, Any]]:
+        """Map (or, with ``ours`` None, unmap) one of ``platform``'s ids; then relay every
+        held dispatch the new mapping identifies. Returns what was released."""
+        settings = self._platform(platform)
+        if settings.so != so:
+            raise Refusal(404, (Problem("platform", f"no relay platform {platform!r}"),))
+        if kind not in RELAY_KINDS:
+            raise Refusal(422, (Problem("kind", f"{kind!r} is not one of "
+                                        f"{', '.join(RELAY_KINDS)}"),))
+        known = {"fsp": self.book.fsps, "contract": self.book.contracts,
+                 "asset": self.book.assets}[kind]
+        if ours is not None and ours not in known:
+            raise Refusal(422, (Problem("ours", f"no {kind} {ours!r} in the contracts file"),))
+        if ours is not None and kind == "contract" and self.book.contracts[ours].so != so:
+            raise Refusal(422, (Problem("ours", f"contract {ours} is not {so}'s"),))
+        if self.engine.mapping(platform, kind, external) != ours:
+            await self._journal_or_503(RelayRecorded(
+                RelayKind.MAPPING, f"{platform}/{kind}/{external}", self.clock(),
+                {"platform": platform, "kind": kind, "external": external, "ours": ours,
+                 "so": so}))
+        return await self.release_held(so, platform)
+
+    async def release_held(self, so: str, platform: str) -> list[dict[str, Any]]:
+        """Relay every held dispatch of ``platform`` that the mappings now identify."""
+        settings = self._platform(platform)
+        released = []
+        for held in self.engine.held(so):
+            if held.platform != platform:
+                continue
+            dispatch = ExternalDispatch.model_validate(held.dispatch)
+            resolved = relay_resolve(
+                dispatch, platform=platform, so=so, lookup=self.engine.mapping,
+                book=self.book, now=self.clock(), response_minutes=settings.response_minutes)
+            if isinstance(resolved, Unidentified):
+                continue
+            async with self._serial(resolved.id):
+                decision = self.engine.decide_relay(so, resolved, self.clock())
+                if isinstance(decision, Refused):
+                    log.error("held %s cannot be relayed: %s", held.key, decision.problems)
+                    continue
+                view, _ = await self._carry_out(decision)
+            await self._journal_or_503(RelayRecorded(
+                RelayKind.RELEASED, held.key, self.clock(),
+                {"platform": platform, "so": so, "instruction_id": view.id}))
+            self.metrics.relay_messages.labels(platform, "released").inc()
+            log.info("released held %s as %s to %s", held.key, view.id, view.fsp)
+            released.append({"external_id": held.external_id, "id": view.id,
+                             "fsp": view.fsp,
+                             "unreconciled": list(view.latest.instruction.unreconciled)})
+        return released
+
+    async def reconcile(self, so: str, instruction_id: str, contract_id: str,
+                        assets: tuple[str, ...]) -> tuple[InstructionView, bool]:
+        """Attach a relayed instruction to its contract (and assets)."""
+        async with self._serial(instruction_id):
+            decision = self.engine.decide_reconcile(so, instruction_id, contract_id, assets,
+                                                    self.clock())
             return await self._carry_out(decision)
 
     # ------------------------------------------------------------------ streams

@@ -56,7 +56,8 @@ class Problem:
     """Something that holds invoice lines back, and what to do about it."""
 
     kind: str
-    contract_id: str
+    contract_id: str | None
+    """None for a relayed instruction not yet mapped to a contract."""
     instruction_id: str | None
     asset_id: str | None
     detail: str
@@ -91,12 +92,12 @@ def classify(log: pl.DataFrame, book: ContractBook, month: str, tz: str
     for row in latest.iter_rows(named=True):
         if row["test"]:
             status, reason = "test", "a test instruction: not settled"
+        elif row["reconciliation"] == "unmapped":
+            status, reason = "blocked", "relayed and not yet mapped to a contract"
         elif row["contract_id"] not in book.contracts:
             status, reason = "blocked", "its contract is not in the contracts file"
             problems.append(Problem("unknown_contract", row["contract_id"], row["id"], None,
                                     reason, "load the contracts file that holds it"))
-        elif row["reconciliation"] == "unmapped":
-            status, reason = "blocked", "relayed and not yet mapped to a contract"
         elif row["kind"] == "cancel" or row["state"] == "cancelled":
             status, reason = "cancelled", f"cancelled: {row['cancel_reason'] or 'no reason'}"
         elif row["state"] in SETTLED_STATES:
@@ -113,8 +114,9 @@ def classify(log: pl.DataFrame, book: ContractBook, month: str, tz: str
         problems.append(Problem(
             "unreconciled", row["contract_id"], row["id"], None,
             f"relayed from {row['external_platform']} as {row['external_id']}; not mapped",
-            "map the external id to a contract and its assets, export the dispatch log "
-            "again and re-run: the contract's invoice lines wait until then"))
+            "map the external ids (dispatchd relay map) and attach the contract "
+            "(dispatchd reconcile), export the dispatch log again and re-run: the "
+            "contract's invoice lines wait until then"))
     return classified.sort("id"), problems
 
 

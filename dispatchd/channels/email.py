@@ -31,6 +31,7 @@ from contracts.io import ContractBook
 from contracts.model import Direction
 from dispatchd.channels.retry import while_wanted
 from dispatchd.config import EmailConfig
+from dispatchd.core.engine import HeldMessage
 from dispatchd.core.instruction import Instruction, Kind
 from dispatchd.metrics import Metrics
 
@@ -83,7 +84,7 @@ def _when(moment: dt.datetime, zone: ZoneInfo) -> str:
 
 def _facts(inst: Instruction, book: ContractBook) -> list[tuple[str, str]]:
     """The labelled facts of one revision, in reading order."""
-    contract = book.contracts.get(inst.contract_id)
+    contract = book.contracts.get(inst.contract_id or "")
     zone = ZoneInfo(contract.timezone if contract else "Europe/London")
     so = book.system_operators.get(inst.so)
     fsp = book.fsps.get(inst.fsp)
@@ -96,8 +97,8 @@ def _facts(inst: Instruction, book: ContractBook) -> list[tuple[str, str]]:
         ("From", f"{so.name} ({inst.so})" if so else inst.so),
         ("To", f"{fsp.name} ({inst.fsp})" if fsp else inst.fsp),
         ("Contract", f"{inst.contract_id} ({contract.service}, zone {contract.zone})"
-         if contract else inst.contract_id),
-        ("Assets", ", ".join(inst.assets)),
+         if contract else inst.contract_id or "not mapped yet (relayed)"),
+        ("Assets", ", ".join(inst.assets) or "not mapped yet (relayed)"),
         ("Instruction", f"{inst.id}, revision {inst.revision} ({inst.kind.value})"),
         ("Issued", _when(inst.issued_at, zone)),
     ]
@@ -146,19 +147,20 @@ def _compose(*, subject: str, to: tuple[str, ...], sender: str, intro: str,
 
 
 def _subject_core(inst: Instruction, book: ContractBook) -> str:
-    contract = book.contracts.get(inst.contract_id)
+    contract = book.contracts.get(inst.contract_id or "")
     zone = ZoneInfo(contract.timezone if contract else "Europe/London")
     start, end = inst.start.astimezone(zone), inst.end.astimezone(zone)
     verb = "TURN DOWN" if inst.direction is Direction.TURN_DOWN else "TURN UP"
     return (f"{verb} {inst.capacity_mw:g} MW {start:%a %d %b %H:%M}-{end:%H:%M} "
-            f"{start.tzname()} | {inst.so} {inst.contract_id} | {inst.id} rev {inst.revision}")
+            f"{start.tzname()} | {inst.so} {inst.contract_id or 'relayed'} | {inst.id} "
+            f"rev {inst.revision}")
 
 
 def instruction_email(inst: Instruction, book: ContractBook, *, sender: str,
                       links: AckLinks) -> EmailMessage:
     """The message for one revision to the FSP's dispatch contacts."""
     fsp = book.fsps[inst.fsp]
-    contract = book.contracts.get(inst.contract_id)
+    contract = book.contracts.get(inst.contract_id or "")
     zone = ZoneInfo(contract.timezone if contract else "Europe/London")
     prefix = {Kind.INSTRUCT: "", Kind.AMEND: "AMENDED: ", Kind.CANCEL: "CANCELLED: "}[inst.kind]
     respond = inst.respond_by.astimezone(zone)
@@ -202,6 +204,35 @@ def escalation_email(inst: Instruction, book: ContractBook, *, sender: str,
 
 
 # ---------------------------------------------------------------------------- sending
+
+
+def held_email(held: HeldMessage, *, sender: str, to: tuple[str, ...], base_url: str
+               ) -> EmailMessage:
+    """The message telling operations that a relayed dispatch is held: no FSP mapping."""
+    dispatch = held.dispatch
+    facts = [
+        ("Platform", f"{held.platform} (of {held.so})"),
+        ("Its dispatch id", held.external_id),
+        ("Why held", held.reason),
+        ("Received", held.at.isoformat()),
+        ("Its FSP", str(dispatch.get("fsp"))),
+        ("Its contract", str(dispatch.get("contract"))),
+        ("Start", str(dispatch.get("start"))),
+        ("End", str(dispatch.get("end"))),
+    ]
+    return _compose(
+        subject=f"[flexops] HELD: {held.platform} dispatch {held.external_id} has no FSP "
+        "mapping; not delivered",
+        to=to, sender=sender,
+        intro="A dispatch relayed from another platform names an FSP that is not mapped. It "
+        "is held, not delivered, until the mapping is added; then it goes out at once.",
+        facts=facts,
+        actions=[("Map the FSP", f"dispatchd relay map {held.platform} fsp "
+                  f"{dispatch.get('fsp') or 'EXTERNAL-ID'} OUR-FSP-ID"),
+                 ("Exceptions list", f"{base_url}/v1/relay/exceptions")],
+        message_id=f"<held.{held.key}@flexops.dispatchd>",
+        headers={"X-Flexops-Kind": "relay-held"},
+    )
 
 
 @dataclass(frozen=True)

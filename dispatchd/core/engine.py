@@ -56,6 +56,7 @@ from .instruction import (
     Instruction,
     InstructionRequest,
     Kind,
+    RelayedRequest,
     Response,
     message_type,
 )
@@ -105,9 +106,50 @@ class EventRecorded:
     at: dt.datetime
     channel: str | None = None
     reason: str | None = None
+    detail: dict[str, Any] | None = None
+    """What a ``reconciled`` record attaches: ``contract_id`` and ``assets``."""
 
 
-Record = RevisionRecorded | EventRecorded
+class RelayKind(StrEnum):
+    HELD = "held"
+    """A relayed message whose FSP cannot be identified: kept, alarmed, not delivered."""
+    RELEASED = "released"
+    """A held message was relayed after all (its mapping was added)."""
+    MAPPING = "mapping"
+    """A mapping of another platform's id to ours was set (or removed: ``ours`` None)."""
+
+
+@dataclass(frozen=True)
+class RelayRecorded:
+    """Journal record about relaying rather than about an instruction. ``key`` names the
+    held message (``platform:external id``) or the mapping (``platform/kind/external``)."""
+
+    kind: RelayKind
+    key: str
+    at: dt.datetime
+    detail: dict[str, Any]
+
+
+Record = RevisionRecorded | EventRecorded | RelayRecorded
+
+
+@dataclass(frozen=True)
+class HeldMessage:
+    """A relayed message waiting for its FSP's mapping; ``dispatch`` is the mapper's
+    reading of it (JSON), ``raw`` what the platform sent."""
+
+    key: str
+    platform: str
+    so: str
+    external_id: str
+    reason: str
+    at: dt.datetime
+    dispatch: dict[str, Any]
+    raw: str
+
+
+MappingKey = tuple[str, str, str]
+"""(platform, kind, external id); kind is ``fsp``, ``contract`` or ``asset``."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +246,12 @@ class FeedKind(StrEnum):
     DELIVERY_FAILED = "delivery_failed"
     ACTIVE = "active"
     COMPLETED = "completed"
+    RECONCILED = "reconciled"
+    RELAY_HELD = "relay_held"
+    RELAY_RELEASED = "relay_released"
+
+
+_RELAY_FEED = frozenset({FeedKind.RELAY_HELD, FeedKind.RELAY_RELEASED})
 
 
 @dataclass(frozen=True)
@@ -363,6 +411,10 @@ class Dispatcher:
         self._changes: dict[tuple[str, str], list[tuple[int, str]]] = {}
         self._pending_delivered: set[tuple[str, int, str]] = set()
         self._feeds: dict[tuple[str, str], _Feed] = {}
+        self._mappings: dict[MappingKey, str] = {}
+        self._held: dict[str, HeldMessage] = {}
+        self.default_response_minutes = 15
+        """Response time of a relayed instruction whose contract is not mapped yet."""
 
     # ------------------------------------------------------------------ decisions
 
@@ -424,19 +476,19 @@ class Dispatcher:
         if early is not None:
             return early
         previous = tracked.latest.instruction
-        contract = self.book.contracts[previous.contract_id]
+        contract = self.book.contracts.get(previous.contract_id or "")
         changes = req.model_dump(exclude_none=True, exclude={"revision"})
         if req.profile_mw is not None and req.capacity_mw is None:
             changes["capacity_mw"] = max(req.profile_mw)
         elif req.capacity_mw is not None and req.profile_mw is None:
             changes["profile_mw"] = None
-        if req.assets == ():
+        if req.assets == () and contract is not None:
             changes["assets"] = contract.assets
         fields = previous.model_dump() | changes | {
             "revision": len(tracked.revisions),
             "kind": Kind.AMEND,
             "issued_at": now,
-            "respond_by": req.respond_by or now + dt.timedelta(minutes=contract.response_minutes),
+            "respond_by": req.respond_by or now + self._response_time(previous),
         }
         inst = Instruction.model_validate(fields)
         problems = check(inst, self.book, now)
@@ -455,15 +507,117 @@ class Dispatcher:
         if early is not None:
             return early
         previous = tracked.latest.instruction
-        contract = self.book.contracts[previous.contract_id]
         inst = Instruction.model_validate(previous.model_dump() | {
             "revision": len(tracked.revisions),
             "kind": Kind.CANCEL,
             "issued_at": now,
-            "respond_by": now + dt.timedelta(minutes=contract.response_minutes),
+            "respond_by": now + self._response_time(previous),
             "cancel_reason": req.reason,
         })
         return RevisionRecorded(inst, req.content(), now)
+
+    def _response_time(self, inst: Instruction) -> dt.timedelta:
+        contract = self.book.contracts.get(inst.contract_id or "")
+        minutes = contract.response_minutes if contract else self.default_response_minutes
+        return dt.timedelta(minutes=minutes)
+
+    def decide_relay(self, so: str, req: RelayedRequest, now: dt.datetime) -> Decision:
+        """Decide on an instruction relayed from ``so``'s platform. Relay first: what the
+        mapping lacks is recorded in ``unreconciled``, not refused; only a message that
+        cannot be an instruction at all (end before start, a profile that does not fit)
+        is refused."""
+        tracked = self._lookup(req.id)
+        if tracked is not None:
+            first = tracked.revisions[0]
+            if first.instruction.so != so:
+                return Refused.one(409, "id", f"id {req.id!r} is already in use")
+            differences = _differences(first.content, req.content())
+            return Refused(409, differences) if differences else Existing(req.id, 0)
+        capacity = req.capacity_mw if req.profile_mw is None else max(req.profile_mw)
+        if capacity is None or capacity <= 0:
+            return Refused.one(422, "profile_mw", "the profile has no positive value")
+        inst = Instruction(
+            id=req.id, revision=0, kind=Kind.INSTRUCT, so=so, fsp=req.fsp,
+            contract_id=req.contract_id, assets=req.assets, direction=req.direction,
+            capacity_mw=capacity, profile_mw=req.profile_mw, start=req.start, end=req.end,
+            issued_at=req.issued_at or now, respond_by=req.respond_by,
+            external_ref=req.external_ref, note=req.note, unreconciled=req.unreconciled,
+            override=f"relayed from {req.external_ref.platform}",
+        )
+        problems = check(inst, self.book, now)
+        if problems:
+            return Refused(422, tuple(problems))
+        return RevisionRecorded(inst, req.content(), now)
+
+    def decide_reconcile(self, so: str, instruction_id: str, contract_id: str,
+                         assets: tuple[str, ...], now: dt.datetime) -> Decision:
+        """Attach a relayed instruction to its contract (and assets: all of the contract's
+        when none are named). The FSP must be the contract's; repeating it is a no-op."""
+        tracked = self._owned(so, instruction_id)
+        if isinstance(tracked, Refused):
+            return tracked
+        inst = tracked.latest.instruction
+        contract = self.book.contracts.get(contract_id)
+        if contract is None or contract.so != so:
+            return Refused.one(422, "contract_id", f"no contract {contract_id!r} held by {so}")
+        if contract.fsp != inst.fsp:
+            return Refused.one(422, "contract_id", f"contract {contract_id} is with "
+                               f"{contract.fsp}; the instruction went to {inst.fsp}")
+        problems = tuple(Problem(f"assets[{i}]", f"asset {a!r} is not obligated under "
+                                 f"{contract_id}") for i, a in enumerate(assets)
+                         if a not in contract.assets)
+        if problems:
+            return Refused(422, problems)
+        chosen = assets or contract.assets
+        if not inst.unreconciled and inst.contract_id == contract_id \
+                and inst.assets == chosen:
+            return Existing(instruction_id, inst.revision)
+        if not inst.unreconciled:
+            return Refused.one(409, "contract_id", f"the instruction is already reconciled "
+                               f"with {inst.contract_id}")
+        return EventRecorded(instruction_id, inst.revision, Event.RECONCILED, now,
+                             detail={"contract_id": contract_id, "assets": list(chosen)})
+
+    # ------------------------------------------------------------------ relay
+
+    def mapping(self, platform: str, kind: str, external: str) -> str | None:
+        """Our id for another platform's id, if mapped."""
+        return self._mappings.get((platform, kind, external))
+
+    def mappings(self, platform: str) -> list[tuple[str, str, str]]:
+        """Every mapping of ``platform`` as (kind, external, ours), sorted."""
+        return sorted((k, e, o) for (p, k, e), o in self._mappings.items() if p == platform)
+
+    def held(self, so: str | None = None) -> list[HeldMessage]:
+        """Relayed messages waiting for a mapping (of one SO's platforms), oldest first."""
+        return sorted((h for h in self._held.values() if so is None or h.so == so),
+                      key=lambda h: h.at)
+
+    def _apply_relay(self, record: RelayRecorded) -> list[Action]:
+        detail = record.detail
+        if record.kind is RelayKind.MAPPING:
+            key = (detail["platform"], detail["kind"], detail["external"])
+            if detail["ours"] is None:
+                self._mappings.pop(key, None)
+            else:
+                self._mappings[key] = detail["ours"]
+            return []
+        if record.kind is RelayKind.HELD:
+            if record.key in self._held:
+                return []
+            held = self._held[record.key] = HeldMessage(
+                record.key, detail["platform"], detail["so"], detail["external_id"],
+                detail["reason"], record.at, detail["dispatch"], detail["raw"])
+            entry = FeedEntry(FeedKind.RELAY_HELD, record.key, 0, record.at,
+                              reason=held.reason)
+            return [self._feed("so", held.so, entry)]
+        held_before = self._held.pop(record.key, None)
+        if held_before is None:
+            return []
+        why = (f"relayed as {detail['instruction_id']}" if detail.get("instruction_id")
+               else f"withdrawn before delivery: {detail.get('withdrawn')}")
+        entry = FeedEntry(FeedKind.RELAY_RELEASED, record.key, 0, record.at, reason=why)
+        return [self._feed("so", held_before.so, entry)]
 
     def decide_ack(self, fsp: str, instruction_id: str, ack: Ack, now: dt.datetime) -> Decision:
         """Decide on an FSP's acknowledgement of one revision."""
@@ -526,6 +680,9 @@ class Dispatcher:
     def apply(self, record: Record, seq: int, now: dt.datetime, *, replay: bool = False
               ) -> list[Action]:
         """Apply a *committed* record; returns the actions to carry out (none on replay)."""
+        if isinstance(record, RelayRecorded):
+            notes = self._apply_relay(record)
+            return [] if replay else list(notes)
         instruction_id = record.instruction.id if isinstance(record, RevisionRecorded) \
             else record.id
         if instruction_id not in self._tracked and self.archived:
@@ -595,6 +752,8 @@ class Dispatcher:
         if record.event is Event.ESCALATED:
             news = not rev.escalated
             rev.escalated = True
+        if record.event is Event.RECONCILED and record.detail is not None:
+            news = self._reconcile(tracked, record.detail)
         if news or rev.state is not before:
             self._note_change(tracked, seq, record.at)
         notes = self._feed_event(rev.instruction, record, news=news, acked=acked,
@@ -608,6 +767,17 @@ class Dispatcher:
             actions.append(Escalate(rev.instruction, record.at))
         return actions
 
+    @staticmethod
+    def _reconcile(tracked: _Tracked, detail: dict[str, Any]) -> bool:
+        """Attach the contract and assets to every revision; False if already attached."""
+        if not tracked.latest.instruction.unreconciled:
+            return False
+        for rev in tracked.revisions:
+            rev.instruction = Instruction.model_validate(rev.instruction.model_dump() | {
+                "contract_id": detail["contract_id"], "assets": tuple(detail["assets"]),
+                "unreconciled": ()})
+        return True
+
     # ------------------------------------------------------------------ feeds
 
     def _feed(self, role: str, principal: str, entry: FeedEntry) -> Notify:
@@ -615,7 +785,8 @@ class Dispatcher:
         if feed is None:
             feed = self._feeds[role, principal] = _Feed()
         feed.entries.append(entry)
-        self._tracked[entry.id].feed_refs += 1
+        if entry.kind not in _RELAY_FEED:
+            self._tracked[entry.id].feed_refs += 1
         return Notify(role, principal)
 
     def _feed_event(self, inst: Instruction, record: EventRecorded, *, news: bool,
@@ -637,7 +808,8 @@ class Dispatcher:
         elif moved and event in (Event.STARTED, Event.ENDED):
             kind = FeedKind.ACTIVE if event is Event.STARTED else FeedKind.COMPLETED
             notes.append(self._feed("so", inst.so, entry(kind)))
-        elif news and event in (Event.DELIVERED, Event.DELIVERY_FAILED, Event.ESCALATED):
+        elif news and event in (Event.DELIVERED, Event.DELIVERY_FAILED, Event.ESCALATED,
+                                Event.RECONCILED):
             notes.append(self._feed("so", inst.so, entry(FeedKind(event.value))))
         return notes
 
@@ -662,6 +834,9 @@ class Dispatcher:
         if number <= feed.base:
             raise LookupError(f"event {number} of this feed is no longer held")
         entry = feed.entries[number - 1 - feed.base]
+        if entry.kind in _RELAY_FEED:
+            return {"seq": number, "event": entry.kind.value, "id": entry.id,
+                    "at": entry.at.isoformat(), "reason": entry.reason}
         rev = self._tracked[entry.id].revisions[entry.revision]
         body: dict[str, Any] = {
             "seq": number, "event": entry.kind.value, "id": entry.id,
@@ -674,6 +849,8 @@ class Dispatcher:
             body["state"] = rev.state.value
         if entry.kind is FeedKind.EXPIRED:
             body["respond_by"] = rev.instruction.respond_by.isoformat()
+        if entry.kind is FeedKind.RECONCILED:
+            body["contract_id"] = rev.instruction.contract_id
         if entry.channel is not None:
             body["channel"] = entry.channel
         if entry.reason is not None:
@@ -770,6 +947,8 @@ class Dispatcher:
     def _finished(self, tracked: _Tracked, now: dt.datetime) -> bool:
         """Nothing more will happen to it unless someone asks: no send, no timer due."""
         rev = tracked.latest
+        if rev.instruction.unreconciled:
+            return False  # held until reconciled: it is counted and listed meanwhile
         if rev.state is State.CANCELLED:
             return rev.ack is not None or now >= rev.instruction.end
         return now >= rev.instruction.end and rev.state not in (
@@ -790,7 +969,8 @@ class Dispatcher:
                 old += 1
             if old:
                 for entry in feed.entries[:old]:
-                    self._tracked[entry.id].feed_refs -= 1
+                    if entry.kind not in _RELAY_FEED:
+                        self._tracked[entry.id].feed_refs -= 1
                 del feed.entries[:old]
                 feed.base += old
         if self._archive is None:
@@ -860,6 +1040,8 @@ class Dispatcher:
 
     def visible(self, instruction_id: str, role: str, principal: str) -> InstructionView | None:
         """The instruction if ``principal`` (an ``so`` or ``fsp``) may see it, else None."""
+        if role not in ("so", "fsp"):
+            return None
         found = self.view(instruction_id)
         if found is None or getattr(found, role) != principal:
             return None
@@ -898,6 +1080,16 @@ class Dispatcher:
         return sum(
             1 for t in self._tracked.values() if t.latest.ack is None and t.latest.state in SENDABLE
         )
+
+    def unreconciled_views(self, so: str) -> list[InstructionView]:
+        """``so``'s relayed instructions still lacking their contract or assets."""
+        found = [self.view(i) for i, t in self._tracked.items()
+                 if t.latest.instruction.unreconciled and t.latest.instruction.so == so]
+        return sorted((v for v in found if v is not None), key=lambda v: v.id)
+
+    def unreconciled(self) -> int:
+        """How many relayed instructions still lack their contract or assets."""
+        return sum(1 for t in self._tracked.values() if t.latest.instruction.unreconciled)
 
     def __len__(self) -> int:
         return len(self._tracked)

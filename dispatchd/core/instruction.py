@@ -85,6 +85,37 @@ class InstructionRequest(Frozen):
         return self.model_dump(mode="json", exclude={"id"})
 
 
+class RelayedRequest(Frozen):
+    """An instruction relayed from another platform, already mapped to this market's ids as
+    far as the mapping table allows (``dispatchd/relay``). The FSP is always known; the
+    contract and assets may not be yet: ``unreconciled`` then says what is missing, and
+    the instruction is delivered all the same (relay first, reconcile later)."""
+
+    id: Id
+    fsp: Id
+    contract_id: Id | None = None
+    assets: tuple[Id, ...] = ()
+    direction: Direction
+    capacity_mw: float | None = Field(default=None, gt=0, le=100_000)
+    profile_mw: tuple[float, ...] | None = Field(default=None, min_length=1, max_length=2000)
+    start: AwareDatetime
+    end: AwareDatetime
+    issued_at: AwareDatetime | None = None
+    respond_by: AwareDatetime
+    external_ref: ExternalRef
+    note: str = Field(default="", max_length=2000)
+    unreconciled: tuple[str, ...] = ()
+    said: dict[str, Any] = Field(default_factory=dict)
+    """The dispatch as the platform said it, in its own ids (compared for idempotency)."""
+
+    _to_utc = field_validator("start", "end", "issued_at", "respond_by")(_utc)
+
+    def content(self) -> dict[str, Any]:
+        """What the platform said: the same dispatch again is a repeat, a different one
+        under the same id a conflict (mappings added in between change neither)."""
+        return self.said
+
+
 class AmendRequest(Frozen):
     """The body of ``POST /v1/instructions/{id}/amend``: fields to change, all optional.
 
@@ -132,7 +163,8 @@ class Instruction(Frozen):
     kind: Kind
     so: Id
     fsp: Id
-    contract_id: Id
+    contract_id: Id | None
+    """None only for a relayed instruction whose contract is not mapped yet."""
     assets: tuple[Id, ...]
     direction: Direction
     capacity_mw: float
@@ -146,6 +178,9 @@ class Instruction(Frozen):
     note: str = ""
     override: str | None = None
     cancel_reason: str | None = None
+    unreconciled: tuple[str, ...] = ()
+    """What a relayed instruction still lacks (its contract, some assets); empty once
+    reconciled. Settlement does not invoice an instruction while this is not empty."""
 
     @cached_property
     def as_json(self) -> dict[str, Any]:

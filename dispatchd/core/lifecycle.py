@@ -13,9 +13,10 @@ what state follows another: it asks :func:`transition`.
     accepted|delivered ─response_deadline─▶ expired   (a late answer is still recorded)
     any open revision ─superseded─▶ superseded        (an amend or cancel was journaled)
 
-Two events record what happened around a revision without changing its state:
-``escalated`` (the expiry was escalated to people) and ``delivery_failed`` (a channel gave
-up for good, e.g. a webhook answered 4xx).
+Three events record what happened around a revision without changing its state:
+``escalated`` (the expiry was escalated to people), ``delivery_failed`` (a channel gave
+up for good, e.g. a webhook answered 4xx) and ``reconciled`` (a relayed instruction was
+mapped to its contract and assets).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Event(StrEnum):
     SUPERSEDED = "superseded"
     ESCALATED = "escalated"
     DELIVERY_FAILED = "delivery_failed"
+    RECONCILED = "reconciled"
 
 
 class InvalidTransition(Exception):
@@ -85,7 +87,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     },
     # Records of what happened around a revision; the state stays as it is.
     **{(s, e): s for s in State if s is not S.RECEIVED
-       for e in (E.ESCALATED, E.DELIVERY_FAILED)},
+       for e in (E.ESCALATED, E.DELIVERY_FAILED, E.RECONCILED)},
 }
 
 SENDABLE = frozenset({S.ACCEPTED, S.DELIVERED, S.EXPIRED, S.CANCELLED})

@@ -36,7 +36,8 @@ def _fmt_mw(value: float) -> str:
     return f"{value:g} MW"
 
 
-def _shape_problems(inst: Instruction, contract: Contract, now: dt.datetime) -> list[Problem]:
+def _shape_problems(inst: Instruction, contract: Contract | None, now: dt.datetime
+                    ) -> list[Problem]:
     problems = []
     if inst.end <= inst.start:
         problems.append(Problem("end", f"end {inst.end:%Y-%m-%dT%H:%MZ} is not after start"))
@@ -45,7 +46,7 @@ def _shape_problems(inst: Instruction, contract: Contract, now: dt.datetime) -> 
     if inst.respond_by <= inst.issued_at:
         problems.append(Problem("respond_by", "respond_by is not after issued_at"))
     for index, asset in enumerate(inst.assets):
-        if asset not in contract.assets:
+        if contract is not None and asset not in contract.assets:
             problems.append(
                 Problem(f"assets[{index}]", f"asset {asset!r} is not obligated under {contract.id}")
             )
@@ -119,8 +120,11 @@ def check(
     """Every problem with ``inst`` that is not forgiven by its ``override`` reason.
 
     A cancellation is only checked for shape; an instruction or amendment against the
-    contract's terms as well.
+    contract's terms as well. A relayed instruction not yet mapped to a contract is checked
+    for shape only: its terms are the other platform's business until it is reconciled.
     """
+    if inst.contract_id is None:
+        return _shape_problems(inst, None, now) if inst.kind is not Kind.CANCEL else []
     contract = book.contracts[inst.contract_id]
     problems = _shape_problems(inst, contract, now) if inst.kind is not Kind.CANCEL else []
     if inst.kind is not Kind.CANCEL:
