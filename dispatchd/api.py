@@ -75,6 +75,9 @@ class RevisionOut(BaseModel):
     """Channels that gave up on this revision for good, with the reason."""
     escalated: bool
     """Whether its expiry was escalated."""
+    relay_answer: str | None = None
+    """For a relayed instruction: what its platform was told of the FSP's answer (e.g.
+    a UFTP FlexOrderResponse ``Accepted``), once told."""
     ack: AckOut | None
 
 
@@ -426,6 +429,15 @@ def create_app(service: Service) -> Any:
         view, created = await service.reconcile(who.id, instruction_id, body.contract_id,
                                                 tuple(body.assets))
         return answer(view, created, status=200)
+
+    # ------------------------------------------------------------------ UFTP
+
+    @app.post("/shapeshifter/api/v3/message", include_in_schema=False)
+    async def uftp_message(request: Request) -> Response:
+        """The UFTP (Shapeshifter 3.x) AGR endpoint: signed XML from DSO platforms."""
+        status, reason = await service.uftp(await request.body(),
+                                            request.headers.get("content-type", ""))
+        return Response(reason, status, media_type="text/plain")
 
     # ------------------------------------------------------------------ streams
 

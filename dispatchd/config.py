@@ -211,6 +211,37 @@ class RelayConfig(Frozen):
     ``role = "platform"`` principal of the same name."""
 
 
+class UftpDso(Frozen):
+    """A DSO platform speaking UFTP to this endpoint (``[uftp.dsos."DOMAIN"]``)."""
+
+    verify_key: str = Field(min_length=40, max_length=64)
+    """Its public signing key, base64 (the first 44 characters of its ``cs1.`` string)."""
+    endpoint: str
+    """Its UFTP endpoint URL, where responses are sent."""
+    platform: Id
+    """The relay platform (``[relay.platforms.NAME]``) its orders are relayed as: its SO,
+    its mapping table (the AGR domains and ContractIDs it uses)."""
+
+
+class UftpConfig(Frozen):
+    domains: tuple[str, ...] = ()
+    """The AGR domains this endpoint answers for (an order's RecipientDomain)."""
+    signing_key_env: str | None = None
+    """Environment variable holding this endpoint's private signing key (base64, 64
+    bytes): responses are signed with it."""
+    isp_minutes: int = Field(default=15, ge=1, le=60)
+    """The market's ISP length; an order with another ISP-Duration is rejected."""
+    time_zone: str = "Europe/Amsterdam"
+    """The market's time zone: ISPs count from its midnight; an order whose TimeZone has
+    another UTC offset is rejected."""
+    timeout_s: float = Field(default=30.0, gt=0)
+    """A response POST to a DSO not answered within this is retried."""
+    retry_max_s: float = Field(default=600.0, gt=0)
+    """Retries of a response back off (jittered, exponential) up to this."""
+    dsos: dict[str, UftpDso] = Field(default_factory=dict)
+    """One ``[uftp.dsos."DOMAIN"]`` table per DSO platform."""
+
+
 class Config(Frozen):
     service: ServiceConfig = ServiceConfig()
     journal: JournalConfig = JournalConfig()
@@ -220,6 +251,7 @@ class Config(Frozen):
     email: EmailConfig = EmailConfig()
     webhook: WebhookConfig = WebhookConfig()
     relay: RelayConfig = RelayConfig()
+    uftp: UftpConfig = UftpConfig()
     auth: AuthConfig = AuthConfig()
 
 

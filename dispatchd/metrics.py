@@ -87,6 +87,12 @@ class Metrics:
             "flexops_relay_dispatches",
             "Dispatches from relaying platforms, by outcome (relayed, repeat, held, released, "
             "withdrawn, refused, unreadable)", ["platform", "status"], registry=r)
+        self.uftp_messages = Counter(
+            "flexops_uftp_messages", "Messages posted to the UFTP endpoint, by type (or "
+            "'refused') and HTTP status", ["kind", "status"], registry=r)
+        self.uftp_responses = Counter(
+            "flexops_uftp_responses", "Signed UFTP responses delivered to DSOs, by result "
+            "(or 'failed': not delivered)", ["result"], registry=r)
         self.relay_held_total = Counter(
             "flexops_relay_held", "Relayed dispatches held because their FSP is not mapped "
             "(the alarm)", ["platform"], registry=r)

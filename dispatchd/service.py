@@ -21,9 +21,21 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import uvicorn
 from pydantic import ValidationError
+from shapeshifter_uftp.exceptions import ClientTransportException
+from shapeshifter_uftp.uftp import (
+    AcceptedRejected,
+    FlexOrder,
+    FlexOrderResponse,
+    FlexRequest,
+    PayloadMessage,
+    PayloadMessageResponse,
+    TestMessage,
+)
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from contracts.io import ContractBook
 from contracts.model import Channel
@@ -74,9 +86,10 @@ from dispatchd.core.instruction import (
     CancelRequest,
     Instruction,
     InstructionRequest,
+    Response,
     message_type,
 )
-from dispatchd.core.lifecycle import Event
+from dispatchd.core.lifecycle import Event, State
 from dispatchd.core.validation import Problem
 from dispatchd.gcpolicy import GcPolicy
 from dispatchd.journal import Journal, JournalError, JournalSettings
@@ -92,6 +105,19 @@ from dispatchd.relay import (
 from dispatchd.relay import dispatch_json as relay_dispatch_json
 from dispatchd.relay import instruction_id as relay_instruction_id
 from dispatchd.relay import resolve as relay_resolve
+from dispatchd.uftp import ALREADY_SUBMITTED as UFTP_ALREADY_SUBMITTED
+from dispatchd.uftp import DUPLICATE as UFTP_DUPLICATE
+from dispatchd.uftp import INVALID_MESSAGE as UFTP_INVALID
+from dispatchd.uftp import (
+    Opened,
+    TransportRefusal,
+    envelope_problems,
+    open_signed,
+    order_dispatch,
+    order_problems,
+    response_to,
+)
+from dispatchd.uftp import sender as uftp_sender
 
 log = logging.getLogger("dispatchd")
 
@@ -126,6 +152,47 @@ def _relay_mappers(book: ContractBook, config: Config) -> dict[str, Mapper]:
         raise ConfigError(f"{len(problems)} relay setting problem(s):\n  "
                           + "\n  ".join(problems))
     return mappers
+
+
+def _uftp_settings(config: Config, environ: Mapping[str, str]) -> str | None:
+    """This endpoint's UFTP signing key; ConfigError lists every UFTP setting that cannot
+    work."""
+    cfg = config.uftp
+    if not cfg.dsos:
+        return None
+    problems = []
+    key = None
+    try:
+        key = secret_from_env("uftp.signing_key_env", cfg.signing_key_env, environ)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if key is None and not problems:
+        problems.append("uftp.signing_key_env: responses to DSOs must be signed; name the "
+                        "environment variable holding the private key")
+    if not cfg.domains:
+        problems.append("uftp.domains: name the AGR domains this endpoint answers for")
+    try:
+        ZoneInfo(cfg.time_zone)
+    except (KeyError, ValueError):
+        problems.append(f"uftp.time_zone: {cfg.time_zone!r} is not a time zone")
+    for domain, dso in cfg.dsos.items():
+        if dso.platform not in config.relay.platforms:
+            problems.append(f"uftp.dsos.{domain}.platform: no [relay.platforms."
+                            f"{dso.platform}]")
+    if problems:
+        raise ConfigError(f"{len(problems)} UFTP setting problem(s):\n  "
+                          + "\n  ".join(problems))
+    return key
+
+
+def _uftp_temporary(exc: BaseException) -> bool:
+    """Whether a failed response POST is worth retrying (the transport appendix: 5xx,
+    404, 429, timeouts and connection errors are temporary; other 4xx final)."""
+    if isinstance(exc, ClientTransportException):
+        response = getattr(exc, "response", None)
+        status = getattr(response, "status_code", 500)
+        return status >= 500 or status in (404, 408, 419, 429)
+    return isinstance(exc, OSError) or type(exc).__module__.startswith("requests")
 
 
 class Refusal(Exception):
@@ -177,6 +244,8 @@ class Service:
         environ = os.environ if environ is None else environ
         webhook_keys = check_channels(book, config, environ)
         self._mappers = _relay_mappers(book, config)
+        self._uftp_key = _uftp_settings(config, environ)
+        self._uftp_answering: set[tuple[str, int]] = set()
         self.config = config
         self.book = book
         self.clock = clock
@@ -317,6 +386,9 @@ class Service:
                 group.create_task(self._serve_http(server, sock), name="dispatchd.http")
                 await asyncio.sleep(0)  # let the webhook channel start before sends
                 self._execute(actions)
+                platforms = set(self._uftp_platforms())
+                for view in self.engine.awaiting_relay_answer(platforms):
+                    self._uftp_answer(view)
         except* _Stopped:
             pass
 
@@ -474,6 +546,12 @@ class Service:
             if view is not None:
                 self._observe(record, view, now)
         self._execute(actions)
+        if isinstance(record, EventRecorded) and record.revision == 0 and record.event in (
+                Event.FSP_ACCEPTED, Event.FSP_REJECTED, Event.RESPONSE_DEADLINE) \
+                and self.config.uftp.dsos:
+            view = self.engine.view(record.id)
+            if view is not None:
+                self._uftp_answer(view)
 
     def _observe(self, record: EventRecorded | RevisionRecorded, view: InstructionView,
                  now: dt.datetime) -> None:
@@ -622,7 +700,8 @@ class Service:
             decision = self.engine.decide_relay(settings.so, resolved, self.clock())
             if isinstance(decision, Refused):
                 raise MapperError(f"dispatch {dispatch.external_id}: " + "; ".join(
-                    f"{p.field}: {p.reason}" for p in decision.problems))
+                    f"{p.field}: {p.reason}" for p in decision.problems),
+                    conflict=decision.status == 409)
             view, created = await self._carry_out(decision)
         unreconciled = list(view.latest.instruction.unreconciled)
         return base | {"status": "relayed" if created else "repeat", "fsp": view.fsp,
@@ -636,7 +715,7 @@ class Service:
         if already is not None:
             if already.dispatch != relay_dispatch_json(dispatch):
                 raise MapperError(f"dispatch {dispatch.external_id} is held with other "
-                                  "content; a changed dispatch needs a new id")
+                                  "content; a changed dispatch needs a new id", conflict=True)
             return {"status": "held", "reason": already.reason}
         record = RelayRecorded(RelayKind.HELD, key, self.clock(), {
             "platform": platform, "so": settings.so, "external_id": dispatch.external_id,
@@ -647,6 +726,129 @@ class Service:
         log.warning("held %s dispatch %s: %s", platform, dispatch.external_id, reason)
         self._tell_operations(self.engine.held(settings.so)[-1])
         return {"status": "held", "reason": reason}
+
+    # ------------------------------------------------------------------ UFTP
+
+    async def uftp(self, body: bytes, content_type: str) -> tuple[int, str]:
+        """A message posted to the UFTP endpoint: the HTTP status and a reason. Problems
+        found after the signature checks out are answered with a signed response message
+        (sent in the background), the transport answer then being 200."""
+        cfg = self.config.uftp
+        try:
+            opened = open_signed(body, content_type, cfg)
+        except TransportRefusal as refusal:
+            self.metrics.uftp_messages.labels("refused", str(refusal.status)).inc()
+            log.warning("UFTP message refused (%d): %s", refusal.status, refusal.reason)
+            return refusal.status, refusal.reason
+        message = opened.message
+        kind = type(message).__name__
+        self.metrics.uftp_messages.labels(kind, "200").inc()
+        problems = envelope_problems(opened, cfg)
+        if not problems and isinstance(message, FlexOrder):
+            problems = order_problems(message, cfg, self.clock())
+        if problems:
+            self._uftp_reply(opened, message, accepted=False, reason="; ".join(problems))
+        elif isinstance(message, TestMessage):
+            self._uftp_reply(opened, message, accepted=True, reason=None)
+        elif isinstance(message, FlexOrder):
+            await self._uftp_order(opened, message)
+        elif isinstance(message, FlexRequest):
+            self._uftp_reply(opened, message, accepted=False, reason=(
+                f"{UFTP_INVALID}: this endpoint relays FlexOrders to providers and makes no "
+                "FlexOffers; offers are made on the platform"))
+        else:
+            self._uftp_reply(opened, message, accepted=False,
+                             reason=f"{UFTP_INVALID}: '{kind}' is not handled by this endpoint")
+        return 200, ""
+
+    async def _uftp_order(self, opened: Opened, order: FlexOrder) -> None:
+        platform = opened.dso.platform
+        dispatch = order_dispatch(order, self.config.uftp).model_copy(
+            update={"conversation": order.conversation_id})
+        try:
+            outcome = await self._relay_one(platform, self.config.relay.platforms[platform],
+                                            dispatch, opened.xml.encode())
+        except MapperError as exc:
+            reason = (f"{UFTP_DUPLICATE}: MessageID {order.message_id} was used before for "
+                      "another order" if exc.conflict else f"{UFTP_INVALID}: {exc}")
+            self._uftp_reply(opened, order, accepted=False, reason=reason)
+            return
+        self.metrics.relay_messages.labels(platform, outcome["status"]).inc()
+        if outcome["status"] == "repeat":
+            self._uftp_reply(opened, order, accepted=False, reason=UFTP_ALREADY_SUBMITTED)
+
+    def _uftp_reply(self, opened: Opened, message: PayloadMessage, *, accepted: bool,
+                    reason: str | None) -> None:
+        """Answer a message at once (validation results): sent and retried in the
+        background; not journaled (the message itself was not taken)."""
+        response = response_to(message, accepted=accepted, reason=reason,
+                               our_domain=message.recipient_domain or "")
+        if response is None:
+            return
+        self._spawn(self._uftp_send(opened.domain, response, None))
+
+    def _uftp_platforms(self) -> dict[str, str]:
+        """Relay platform name → the DSO domain it speaks UFTP for."""
+        return {dso.platform: domain for domain, dso in self.config.uftp.dsos.items()}
+
+    def _uftp_answer(self, view: InstructionView) -> None:
+        """Tell the DSO what became of the order behind ``view`` (its first revision)."""
+        first = view.revisions[0]
+        ref = first.instruction.external_ref
+        domain = self._uftp_platforms().get(ref.platform if ref else "")
+        if ref is None or domain is None or first.relay_answer is not None:
+            return
+        if first.ack is not None and first.ack.response is Response.ACCEPTED:
+            accepted, reason = True, None
+        elif first.ack is not None:
+            accepted, reason = False, f"Rejected by the provider: {first.ack.reason}"
+        elif first.state is State.EXPIRED:
+            accepted, reason = False, ("No answer from the provider by "
+                                       f"{first.instruction.respond_by.isoformat()}")
+        else:
+            return
+        our_domain = next((d for d in self.config.uftp.domains
+                           if self.engine.mapping(ref.platform, "fsp", d) == view.fsp),
+                          self.config.uftp.domains[0])
+        response = FlexOrderResponse(
+            flex_order_message_id=ref.id, conversation_id=ref.conversation,
+            result=AcceptedRejected.ACCEPTED if accepted else AcceptedRejected.REJECTED,
+            rejection_reason=reason, recipient_domain=domain, sender_domain=our_domain)
+        key = (view.id, 0)
+        if key in self._uftp_answering:
+            return
+        self._uftp_answering.add(key)
+        self._spawn(self._uftp_send(domain, response, view.id))
+
+    async def _uftp_send(self, domain: str, response: PayloadMessageResponse,
+                         instruction_id: str | None) -> None:
+        """POST one signed response to the DSO, retried with jittered exponential backoff
+        on connection errors, 5xx, 404 and 429 (the specification's temporary failures);
+        once delivered, an answer about an instruction is journaled."""
+        cfg = self.config.uftp
+        send = uftp_sender(cfg, self._uftp_key or "", domain)
+        what = f"{type(response).__name__} {response.result} to {domain}"
+        try:
+            async for attempt in AsyncRetrying(
+                    retry=retry_if_exception(_uftp_temporary),
+                    wait=wait_random_exponential(multiplier=0.2, max=cfg.retry_max_s),
+                    stop=stop_after_delay(86_400), reraise=True):
+                with attempt:
+                    await asyncio.to_thread(send, response)
+        except Exception as exc:  # a final refusal by the DSO, or a day of failures
+            self.metrics.uftp_responses.labels("failed").inc()
+            log.error("UFTP %s not delivered: %s", what, exc)
+            return
+        finally:
+            if instruction_id is not None:
+                self._uftp_answering.discard((instruction_id, 0))
+        self.metrics.uftp_responses.labels(str(response.result)).inc()
+        log.info("UFTP %s delivered", what)
+        if instruction_id is not None:
+            reason = str(response.result) + (f": {response.rejection_reason}"
+                                             if response.rejection_reason else "")
+            await self._journal_quietly(EventRecorded(
+                instruction_id, 0, Event.RELAY_ANSWERED, self.clock(), "uftp", reason))
 
     async def _journal_or_503(self, record: RelayRecorded) -> None:
         try:

@@ -284,6 +284,8 @@ class RevisionView:
     attempts: int
     failed: tuple[tuple[str, str], ...] = ()
     escalated: bool = False
+    relay_answer: str | None = None
+    """What the platform that relayed it was told of the FSP's answer, once told."""
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,7 @@ class InstructionView:
                     "send_attempts": r.attempts,
                     "delivery_failed": dict(r.failed),
                     "escalated": r.escalated,
+                    "relay_answer": r.relay_answer,
                     "ack": None
                     if r.ack is None
                     else {
@@ -349,6 +352,7 @@ class _Revision:
     attempts: int = 0
     failed: dict[str, str] = field(default_factory=dict)
     escalated: bool = False
+    relay_answer: str | None = None
 
 
 @dataclass
@@ -754,6 +758,9 @@ class Dispatcher:
             rev.escalated = True
         if record.event is Event.RECONCILED and record.detail is not None:
             news = self._reconcile(tracked, record.detail)
+        if record.event is Event.RELAY_ANSWERED and rev.relay_answer is None:
+            rev.relay_answer = record.reason or ""
+            news = True
         if news or rev.state is not before:
             self._note_change(tracked, seq, record.at)
         notes = self._feed_event(rev.instruction, record, news=news, acked=acked,
@@ -1033,7 +1040,7 @@ class Dispatcher:
             revisions=tuple(
                 RevisionView(r.instruction, r.state, r.accepted_at,
                              tuple(r.delivered.items()), r.ack, r.attempts,
-                             tuple(r.failed.items()), r.escalated)
+                             tuple(r.failed.items()), r.escalated, r.relay_answer)
                 for r in tracked.revisions
             ),
         )
@@ -1080,6 +1087,21 @@ class Dispatcher:
         return sum(
             1 for t in self._tracked.values() if t.latest.ack is None and t.latest.state in SENDABLE
         )
+
+    def awaiting_relay_answer(self, platforms: set[str]) -> list[InstructionView]:
+        """Relayed instructions of ``platforms`` whose first revision was answered by the
+        FSP (or expired unanswered) and whose platform has not been told yet."""
+        found = []
+        for instruction_id, tracked in self._tracked.items():
+            first = tracked.revisions[0]
+            ref = first.instruction.external_ref
+            if ref is None or ref.platform not in platforms or first.relay_answer is not None:
+                continue
+            if first.ack is not None or first.state is State.EXPIRED:
+                view = self.view(instruction_id)
+                if view is not None:
+                    found.append(view)
+        return found
 
     def unreconciled_views(self, so: str) -> list[InstructionView]:
         """``so``'s relayed instructions still lacking their contract or assets."""

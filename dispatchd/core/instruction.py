@@ -33,6 +33,8 @@ class ExternalRef(Frozen):
 
     platform: str = Field(min_length=1, max_length=64)
     id: str = Field(min_length=1, max_length=256)
+    conversation: str | None = Field(default=None, max_length=256)
+    """The platform's thread for replies (UFTP's ConversationID), where it has one."""
 
 
 class InstructionRequest(Frozen):

@@ -13,10 +13,11 @@ what state follows another: it asks :func:`transition`.
     accepted|delivered ─response_deadline─▶ expired   (a late answer is still recorded)
     any open revision ─superseded─▶ superseded        (an amend or cancel was journaled)
 
-Three events record what happened around a revision without changing its state:
+Four events record what happened around a revision without changing its state:
 ``escalated`` (the expiry was escalated to people), ``delivery_failed`` (a channel gave
-up for good, e.g. a webhook answered 4xx) and ``reconciled`` (a relayed instruction was
-mapped to its contract and assets).
+up for good, e.g. a webhook answered 4xx), ``reconciled`` (a relayed instruction was
+mapped to its contract and assets) and ``relay_answered`` (the platform that relayed it
+was told the FSP's answer).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Event(StrEnum):
     ESCALATED = "escalated"
     DELIVERY_FAILED = "delivery_failed"
     RECONCILED = "reconciled"
+    RELAY_ANSWERED = "relay_answered"
 
 
 class InvalidTransition(Exception):
@@ -87,7 +89,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     },
     # Records of what happened around a revision; the state stays as it is.
     **{(s, e): s for s in State if s is not S.RECEIVED
-       for e in (E.ESCALATED, E.DELIVERY_FAILED, E.RECONCILED)},
+       for e in (E.ESCALATED, E.DELIVERY_FAILED, E.RECONCILED, E.RELAY_ANSWERED)},
 }
 
 SENDABLE = frozenset({S.ACCEPTED, S.DELIVERED, S.EXPIRED, S.CANCELLED})

@@ -41,7 +41,12 @@ KINDS = ("fsp", "contract", "asset")
 
 
 class MapperError(Exception):
-    """A message the mapper cannot read; the reason goes back to the platform."""
+    """A message the mapper cannot read; the reason goes back to the platform.
+    ``conflict``: the same dispatch id was used before for other content."""
+
+    def __init__(self, reason: str, *, conflict: bool = False) -> None:
+        super().__init__(reason)
+        self.conflict = conflict
 
 
 class ExternalDispatch(Frozen):
@@ -63,6 +68,8 @@ class ExternalDispatch(Frozen):
     note: str = Field(default="", max_length=2000)
     reason: str | None = Field(default=None, max_length=500)
     """Why, for a cancellation."""
+    conversation: str | None = Field(default=None, max_length=256)
+    """The platform's thread for replies, where its protocol has one."""
 
 
 class Mapper(Protocol):
@@ -202,7 +209,8 @@ def resolve(dispatch: ExternalDispatch, *, platform: str, so: str, lookup: Looku
         profile_mw=dispatch.profile_mw, start=dispatch.start, end=dispatch.end,
         issued_at=issued, respond_by=dispatch.respond_by or issued + dt.timedelta(
             minutes=minutes),
-        external_ref=ExternalRef(platform=platform, id=dispatch.external_id),
+        external_ref=ExternalRef(platform=platform, id=dispatch.external_id,
+                                 conversation=dispatch.conversation),
         note=dispatch.note, unreconciled=tuple(missing), said=dispatch_json(dispatch),
     )
 

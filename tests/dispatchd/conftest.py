@@ -71,10 +71,11 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config, book: ContractBook, broker: LocalMosquitto
-                  ) -> AsyncIterator[Stack]:
-    """An in-process dispatchd, ready and connected to the broker, stopped on exit."""
-    service = Service(config, book)
+async def running(config: Config, book: ContractBook, broker: LocalMosquitto, *,
+                  environ: dict[str, str] | None = None) -> AsyncIterator[Stack]:
+    """An in-process dispatchd, ready and connected to the broker, stopped on exit
+    (``environ``: the environment it reads secrets from, default the process's)."""
+    service = Service(config, book, environ=environ)
     task = asyncio.create_task(service.run())
     try:
         await asyncio.wait_for(service.ready.wait(), 10)
