@@ -34,6 +34,7 @@ from dispatchd.core.instruction import (
     InstructionRequest,
 )
 from dispatchd.core.validation import Problem
+from dispatchd.openadr_api import add_openadr
 from dispatchd.service import Caller, Refusal, Service
 
 _TITLES = {
@@ -429,6 +430,8 @@ def create_app(service: Service) -> Any:
         view, created = await service.reconcile(who.id, instruction_id, body.contract_id,
                                                 tuple(body.assets))
         return answer(view, created, status=200)
+
+    add_openadr(app, service)
 
     # ------------------------------------------------------------------ UFTP
 

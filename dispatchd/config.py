@@ -242,6 +242,29 @@ class UftpConfig(Frozen):
     """One ``[uftp.dsos."DOMAIN"]`` table per DSO platform."""
 
 
+class OpenadrClient(Frozen):
+    """An OpenADR VEN client (``[openadr.clients."CLIENT_ID"]``): one FSP's credentials."""
+
+    fsp: Id
+    secret_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """SHA-256 (hex) of the client secret; the secret itself is never stored."""
+
+
+class OpenadrConfig(Frozen):
+    clients: dict[str, OpenadrClient] = Field(default_factory=dict)
+    """OAuth2 client credentials of VENs, one table per client id."""
+    token_ttl_s: float = Field(default=3600.0, gt=0)
+    """Lifetime of an access token from ``/openadr3/auth/token``."""
+    mqtt_uri: str | None = None
+    """The broker URI VENs are told to connect to (``GET /openadr3/notifiers``); default
+    ``mqtt.url``."""
+    mqtt_topic_prefix: str = "openadr3"
+    """Topics of event notifications start with this."""
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    """A notification POST to a subscription's callback not answered within this is
+    retried (jittered backoff, for up to ten minutes)."""
+
+
 class Config(Frozen):
     service: ServiceConfig = ServiceConfig()
     journal: JournalConfig = JournalConfig()
@@ -252,6 +275,7 @@ class Config(Frozen):
     webhook: WebhookConfig = WebhookConfig()
     relay: RelayConfig = RelayConfig()
     uftp: UftpConfig = UftpConfig()
+    openadr: OpenadrConfig = OpenadrConfig()
     auth: AuthConfig = AuthConfig()
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import uvicorn
 from pydantic import ValidationError
 from shapeshifter_uftp.exceptions import ClientTransportException
@@ -35,7 +36,13 @@ from shapeshifter_uftp.uftp import (
     PayloadMessageResponse,
     TestMessage,
 )
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from contracts.io import ContractBook
 from contracts.model import Channel
@@ -94,6 +101,10 @@ from dispatchd.core.validation import Problem
 from dispatchd.gcpolicy import GcPolicy
 from dispatchd.journal import Journal, JournalError, JournalSettings
 from dispatchd.metrics import Metrics
+from dispatchd.openadr import Store as OpenadrStore
+from dispatchd.openadr import Tokens as OpenadrTokens
+from dispatchd.openadr import ack_of_report as openadr_ack_of_report
+from dispatchd.openadr import event as openadr_event
 from dispatchd.relay import KINDS as RELAY_KINDS
 from dispatchd.relay import (
     ExternalDispatch,
@@ -264,6 +275,10 @@ class Service:
                             config.journal.max_batch, config.journal.max_queue),
             on_commit=self._committed,
         )
+        self.openadr_store = OpenadrStore(config.journal.path)
+        self.openadr_tokens = OpenadrTokens(config.openadr, clock)
+        self.openadr_started = clock()
+        self._openadr_cursor: dict[str, int] = {}
         self.mqtt = MqttChannel(config.mqtt, password=mqtt_password(config.mqtt, environ),
                                 on_ack=self._mqtt_ack, metrics=self.metrics, rng=rng)
         self.email = EmailChannel(
@@ -369,6 +384,7 @@ class Service:
             for task in list(self._background):
                 task.cancel()
             self.journal.close()
+            self.openadr_store.close()
             sock.close()
 
     async def _run_tasks(self, server: uvicorn.Server, sock: socket.socket,
@@ -386,6 +402,8 @@ class Service:
                 group.create_task(self._serve_http(server, sock), name="dispatchd.http")
                 await asyncio.sleep(0)  # let the webhook channel start before sends
                 self._execute(actions)
+                self._openadr_cursor = {f: self.engine.feed_length("fsp", f)
+                                        for f in self.book.fsps}
                 platforms = set(self._uftp_platforms())
                 for view in self.engine.awaiting_relay_answer(platforms):
                     self._uftp_answer(view)
@@ -443,6 +461,8 @@ class Service:
                     self._send(action, channel)
             elif isinstance(action, Notify):
                 self.streams.notify(action.role, action.principal)
+                if action.role == "fsp" and self.config.openadr.clients:
+                    self._openadr_notify(action.principal)
             elif isinstance(action, Escalate):
                 self._escalate(action)
             elif isinstance(action, Persist):
@@ -849,6 +869,89 @@ class Service:
                                              if response.rejection_reason else "")
             await self._journal_quietly(EventRecorded(
                 instruction_id, 0, Event.RELAY_ANSWERED, self.clock(), "uftp", reason))
+
+    # ------------------------------------------------------------------ OpenADR
+
+    @property
+    def openadr_mqtt_uri(self) -> str:
+        return self.config.openadr.mqtt_uri or self.config.mqtt.url
+
+    def openadr_views(self, fsp: str) -> list[InstructionView]:
+        """``fsp``'s instructions held in memory (the events a VEN can see)."""
+        return self.engine.changed_since("fsp", fsp, 0, 1_000_000_000)[0]
+
+    @staticmethod
+    def openadr_ack_of(report: dict[str, Any]) -> tuple[str, str | None] | None:
+        return openadr_ack_of_report(report)
+
+    def _openadr_notify(self, fsp: str) -> None:
+        """Tell ``fsp``'s VENs of each new instruction, amendment and cancellation: by
+        webhook to their subscriptions and on the broker."""
+        start = self._openadr_cursor.get(fsp, 0)
+        end = self.engine.feed_length("fsp", fsp)
+        self._openadr_cursor[fsp] = end
+        for number in range(max(start + 1, self.engine.feed_first("fsp", fsp)), end + 1):
+            entry = self.engine.feed_event("fsp", fsp, number)
+            operation = {"instruction": "POST", "amendment": "PUT",
+                         "cancellation": "DELETE"}.get(entry["event"])
+            view = self.engine.visible(entry["id"], "fsp", fsp)
+            if operation is None or view is None:
+                continue
+            shown = openadr_event(view)
+            notification = {"objectType": "EVENT", "operation": operation, "object": shown,
+                            "targets": shown["targets"]}
+            payload = json.dumps(notification, separators=(",", ":")).encode()
+            handed = partial(self._handed_over, view.id, entry["revision"], "openadr",
+                             view.revisions[entry["revision"]].accepted_at)
+            for url, token in self._openadr_callbacks(fsp, operation, shown["programID"]):
+                self._spawn(self._openadr_webhook(url, token, payload, handed))
+            if self.config.mqtt.enabled:
+                prefix = self.config.openadr.mqtt_topic_prefix
+                verb = {"POST": "create", "PUT": "update", "DELETE": "delete"}[operation]
+                paths = [f"fsp/{fsp}/events", f"programs/{shown['programID']}/events",
+                         *(f"vens/{v['id']}/events"
+                           for v in self.openadr_store.all("vens", fsp))]
+                for path in paths:
+                    self.mqtt.enqueue(Outgoing(f"{prefix}/{path}/{verb}", payload, handed))
+
+    def _openadr_callbacks(self, fsp: str, operation: str, program_id: str
+                           ) -> list[tuple[str, str | None]]:
+        found = []
+        for subscription in self.openadr_store.all("subscriptions", fsp):
+            if subscription.get("programID") not in (None, program_id):
+                continue
+            for wanted in subscription.get("objectOperations") or []:
+                if "EVENT" in (wanted.get("objects") or []) and \
+                        operation in (wanted.get("operations") or []):
+                    found.append((str(wanted["callbackUrl"]), wanted.get("bearerToken")))
+        return found
+
+    async def _openadr_webhook(self, url: str, token: str | None, payload: bytes,
+                               handed: Callable[[], None]) -> None:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        timeout = self.config.openadr.webhook_timeout_s
+        try:
+            async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(httpx.HTTPError),
+                    wait=wait_random_exponential(multiplier=0.2, max=30),
+                    stop=stop_after_delay(600), reraise=True):
+                with attempt:
+                    async with httpx.AsyncClient(timeout=timeout) as client:
+                        response = await client.post(url, content=payload, headers=headers)
+                    if response.status_code >= 500 or response.status_code == 429:
+                        raise httpx.HTTPStatusError(f"{response.status_code}",
+                                                    request=response.request,
+                                                    response=response)
+        except httpx.HTTPError as exc:
+            log.error("OpenADR notification to %s not delivered: %s", url, exc)
+            return
+        if response.status_code < 300:
+            handed()
+        else:
+            log.error("OpenADR notification to %s refused: HTTP %d", url,
+                      response.status_code)
 
     async def _journal_or_503(self, record: RelayRecorded) -> None:
         try:
