@@ -142,6 +142,11 @@ def add_openadr(app: FastAPI, service: Service) -> None:
                 found = [o for o in found if o.get(key) == wanted]
         return found[skip:skip + limit]
 
+    def stored(kind: str, who: Client, body: dict[str, Any]) -> dict[str, Any]:
+        created = new_object(kind, body, who, service.clock())
+        store.put(kind, who.fsp, created)
+        return created
+
     @router.get("/vens")
     async def get_vens(who: Who, venName: str | None = None, skip: int = 0,
                        limit: int = 50) -> list[dict[str, Any]]:
@@ -155,9 +160,7 @@ def add_openadr(app: FastAPI, service: Service) -> None:
             raise OadrProblem(400, "venName is needed")
         if any(v["venName"] == name for v in store.all("vens")):
             raise OadrProblem(409, f"a VEN named {name} exists")
-        ven = new_object("vens", body, who, service.clock())
-        store.put("vens", who.fsp, ven)
-        return ven
+        return stored("vens", who, body)
 
     @router.get("/resources")
     async def get_resources(who: Who, venID: str | None = None,
@@ -172,9 +175,7 @@ def add_openadr(app: FastAPI, service: Service) -> None:
         owned("vens", who, str(body.get("venID")))
         if not isinstance(body.get("resourceName"), str):
             raise OadrProblem(400, "resourceName is needed")
-        resource = new_object("resources", body, who, service.clock())
-        store.put("resources", who.fsp, resource)
-        return resource
+        return stored("resources", who, body)
 
     @router.get("/subscriptions")
     async def get_subscriptions(who: Who, programID: str | None = None,
@@ -191,9 +192,7 @@ def add_openadr(app: FastAPI, service: Service) -> None:
                 isinstance(o, dict) and str(o.get("callbackUrl", "")).startswith("http")
                 for o in operations):
             raise OadrProblem(400, "objectOperations with a callbackUrl each are needed")
-        subscription = new_object("subscriptions", body, who, service.clock())
-        store.put("subscriptions", who.fsp, subscription)
-        return subscription
+        return stored("subscriptions", who, body)
 
     @router.get("/subscriptions/{subscription_id}")
     async def get_subscription(subscription_id: str, who: Who) -> dict[str, Any]:
