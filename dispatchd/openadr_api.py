@@ -220,6 +220,8 @@ def add_openadr(app: FastAPI, service: Service) -> None:
             raise OadrProblem(404, f"no event {event_id}")
         report = new_object("reports", body, who, service.clock())
         report["programID"] = view.latest.instruction.contract_id or UNRECONCILED_PROGRAM
+        # A report on the event shows the VEN has it: the revision's OpenADR delivery.
+        service.openadr_reached(view)
         answer = service.openadr_ack_of(report)
         if answer is not None:
             response, reason = answer

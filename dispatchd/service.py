@@ -880,6 +880,11 @@ class Service:
         """``fsp``'s instructions held in memory (the events a VEN can see)."""
         return self.engine.changed_since("fsp", fsp, 0, 1_000_000_000)[0]
 
+    def openadr_reached(self, view: InstructionView) -> None:
+        """The VEN showed it has the latest revision (it reported on it)."""
+        latest = view.latest
+        self._handed_over(view.id, latest.instruction.revision, "openadr", latest.accepted_at)
+
     @staticmethod
     def openadr_ack_of(report: dict[str, Any]) -> tuple[str, str | None] | None:
         return openadr_ack_of_report(report)
@@ -890,6 +895,9 @@ class Service:
         start = self._openadr_cursor.get(fsp, 0)
         end = self.engine.feed_length("fsp", fsp)
         self._openadr_cursor[fsp] = end
+        vens = self.openadr_store.all("vens", fsp)
+        if not vens and not self.openadr_store.all("subscriptions", fsp):
+            return  # no VEN of this FSP to tell
         for number in range(max(start + 1, self.engine.feed_first("fsp", fsp)), end + 1):
             entry = self.engine.feed_event("fsp", fsp, number)
             operation = {"instruction": "POST", "amendment": "PUT",
@@ -905,12 +913,11 @@ class Service:
                              view.revisions[entry["revision"]].accepted_at)
             for url, token in self._openadr_callbacks(fsp, operation, shown["programID"]):
                 self._spawn(self._openadr_webhook(url, token, payload, handed))
-            if self.config.mqtt.enabled:
+            if self.config.mqtt.enabled and vens:
                 prefix = self.config.openadr.mqtt_topic_prefix
                 verb = {"POST": "create", "PUT": "update", "DELETE": "delete"}[operation]
                 paths = [f"fsp/{fsp}/events", f"programs/{shown['programID']}/events",
-                         *(f"vens/{v['id']}/events"
-                           for v in self.openadr_store.all("vens", fsp))]
+                         *(f"vens/{v['id']}/events" for v in vens)]
                 for path in paths:
                     self.mqtt.enqueue(Outgoing(f"{prefix}/{path}/{verb}", payload, handed))
 

@@ -104,6 +104,9 @@ def test_oadr_vens_subscriptions_and_reports_are_each_clients_own(
     async def body(stack: Stack, contract: Any, mine: dict[str, str],
                    theirs: dict[str, str]) -> None:
         c = stack.client
+        # issued while the FSP has no VEN: nothing is sent; a report later shows delivery
+        await c.post("/v1/instructions", headers=auth("so", contract.so),
+                     json=instruction(contract, id="r1"))
         ven = (await c.post("/openadr3/vens", headers=mine, json={"venName": "v1"})).json()
         assert ven["clientID"] == "a" and ven["objectType"] == "VEN" and ven["id"]
         assert (await c.post("/openadr3/vens", headers=theirs, json={"venName": "v1"})
@@ -124,8 +127,6 @@ def test_oadr_vens_subscriptions_and_reports_are_each_clients_own(
                 ).status_code == 404
         assert (await c.get("/openadr3/subscriptions", headers=mine)).json()[0]["id"] == \
             sub["id"]
-        await c.post("/v1/instructions", headers=auth("so", contract.so),
-                     json=instruction(contract, id="r1"))
         delivered = {"eventID": "r1", "clientName": "v1", "resources": [{
             "resourceName": "r", "intervals": [{"id": 0, "payloads": [
                 {"type": "DELTA_USAGE", "values": [-0.5]}]}]}]}
@@ -133,6 +134,13 @@ def test_oadr_vens_subscriptions_and_reports_are_each_clients_own(
         assert kept.status_code == 201 and kept.json()["programID"] == contract.id
         view = (await c.get("/v1/instructions/r1", headers=auth("so", contract.so))).json()
         assert view["revisions"][0]["ack"] is None  # a quantity report is not an answer
+        for _ in range(50):  # but it shows the VEN has the event: its delivery record
+            if "openadr" in view["revisions"][0]["delivered"]:
+                break
+            await asyncio.sleep(0.05)
+            view = (await c.get("/v1/instructions/r1", headers=auth("so", contract.so))
+                    ).json()
+        assert "openadr" in view["revisions"][0]["delivered"]
         assert (await c.post("/openadr3/reports", headers=theirs, json=delivered)
                 ).status_code == 404
         assert [r["eventID"] for r in (await c.get("/openadr3/reports", headers=mine)
