@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         help="seconds from issue to an instruction's end")
     parser.add_argument("--hold-s", type=float, default=30.0,
                         help="service.hold_finished_s: how long finished ones stay in memory")
+    parser.add_argument("--gc-sweep-s", type=float, default=3600.0,
+                        help="service.gc_sweep_s: how often frozen objects are collected")
     args = parser.parse_args(argv)
     steady_after = args.lifetime_s + args.hold_s + 30
     with tempfile.TemporaryDirectory(prefix="flexops-load-") as tmp:
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         config = (root / "config.toml").read_text()
         (root / "config.toml").write_text(config.replace(
             "[service]\n", f"[service]\nhold_finished_s = {args.hold_s}\n"
-            "archive_sweep_s = 5.0\n", 1))
+            f"archive_sweep_s = 5.0\ngc_sweep_s = {args.gc_sweep_s}\n", 1))
         with LocalMosquitto(directory=root / "mqtt") as broker:
             service = DispatchdProcess(root / "config.toml", mqtt_url=broker.url).start()
             try:

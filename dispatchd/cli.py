@@ -26,8 +26,11 @@ examples:
   dispatchd demo
   dispatchd webhook-secret
   dispatchd broker-config --config market/config.toml --out broker
+  dispatchd relay map dsoflex fsp AGR-7 FSP003
+  dispatchd relay exceptions
+  dispatchd reconcile dsoflex:ORD-1 --contract C00003
 
-The client commands (send, tail) read the service URL from --url or FLEXOPS_URL
+The client commands (send, tail, relay, reconcile) read the service URL from --url or FLEXOPS_URL
 (default http://127.0.0.1:8080) and the bearer token from --token or FLEXOPS_TOKEN.
 """
 
