@@ -471,3 +471,31 @@ def test_unmapped_agr_domain_holds_the_order_until_mapped(
             assert dso.responses(sent.message_id)[0].result == "Accepted"
 
     run(scenario())
+
+
+def test_an_answer_not_yet_delivered_is_sent_after_a_restart(
+        world: World, broker: LocalMosquitto, live_book: ContractBook) -> None:
+    """The FSP answered while the DSO was unreachable and dispatchd then stopped: on
+    start-up the FlexOrderResponse still owed is sent ("Message transport mechanism",
+    Transmission: delivery is re-attempted; the journal keeps what was answered)."""
+    sent = order()
+    iid = f"{PLATFORM}:{sent.message_id}"
+
+    async def scenario() -> None:
+        async with running(world.config, live_book, broker, environ=world.environ) as stack, \
+                fsp_listening(stack, world.contract.fsp, ack=True):
+            await mapped(stack, world)
+            await send(world.client(stack), sent)
+            assert await wait_for(lambda: bool(
+                (v := stack.service.engine.view(iid)) and v.revisions[0].ack), 5)
+        async with world.dso() as dso, \
+                running(world.config, live_book, broker, environ=world.environ) as stack:
+            assert await wait_for(lambda: dso.responses(sent.message_id), 10)
+            assert dso.responses(sent.message_id)[0].result == "Accepted"
+            assert await wait_for_answer(stack, world, iid, "Accepted")
+        async with world.dso() as dso, \
+                running(world.config, live_book, broker, environ=world.environ):
+            await asyncio.sleep(1.0)
+            assert dso.responses(sent.message_id) == [], "answered twice"
+
+    run(scenario())
