@@ -19,6 +19,7 @@ import email
 import email.policy
 import json
 import random
+import secrets as secrets_module
 import shutil
 import sys
 import threading
@@ -37,7 +38,7 @@ from aiosmtpd.controller import Controller
 from contracts.io import ContractBook, dump_contracts
 from contracts.model import Channel, Endpoints
 from contracts.sample import build_sample
-from dispatchd.config import write_sample_config
+from dispatchd.config import token_digest, write_sample_config
 from dispatchd.localstack import DispatchdProcess, LocalMosquitto, free_port
 from dispatchd.simulate import (
     ControlCentre,
@@ -157,6 +158,55 @@ async def _control_room(url: str, tokens: dict[str, str], book: ContractBook, co
     return {"accepted": accepted, "refused": refused, "burst_s": burst_s, **special}
 
 
+PLATFORM = "dsoflex"
+
+
+async def _relay_platform(url: str, platform_token: str, so_tokens: dict[str, str],
+                          contract: Any) -> dict[str, Any]:
+    """An SO's own dispatch platform relays three dispatches in its own ids: one fully
+    mapped, one whose contract is not mapped (delivered, unreconciled), one whose FSP is
+    not mapped (held). The SO then maps the FSP (the held one goes out) and reconciles
+    the second; the third stays unreconciled, for settlement to list."""
+    so = {"Authorization": f"Bearer {so_tokens[contract.so]}"}
+    now = dt.datetime.now(dt.UTC)
+    times = {"direction": contract.direction.value, "capacity_mw": 0.1,
+             "start": (now + dt.timedelta(minutes=10)).isoformat(),
+             "end": (now + dt.timedelta(minutes=70)).isoformat()}
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for kind, external, ours in (("fsp", "AGR-NORTH", contract.fsp),
+                                     ("contract", "FLEX-1", contract.id)):
+            await client.put(f"/v1/relay/{PLATFORM}/mappings/{kind}/{external}", headers=so,
+                             json={"ours": ours})
+        posted = await client.post(
+            f"/v1/relay/{PLATFORM}/dispatches",
+            headers={"Authorization": f"Bearer {platform_token}"},
+            json=[{"external_id": "ORD-1", "fsp": "AGR-NORTH", "contract": "FLEX-1", **times},
+                  {"external_id": "ORD-2", "fsp": "AGR-NORTH", "contract": "FLEX-9", **times},
+                  {"external_id": "ORD-3", "fsp": "AGR-SOUTH", "contract": "FLEX-7",
+                   **times}])
+        outcomes = posted.json()["dispatches"]
+        mapped = await client.put(f"/v1/relay/{PLATFORM}/mappings/fsp/AGR-SOUTH",
+                                  headers=so, json={"ours": contract.fsp})
+        reconciled = await client.post(f"/v1/instructions/{PLATFORM}:ORD-2/reconcile",
+                                       headers=so, json={"contract_id": contract.id})
+        left = (await client.get("/v1/relay/exceptions", headers=so)).json()
+    return {"outcomes": outcomes, "released": mapped.json()["released"],
+            "reconciled": reconciled.status_code, "left": left}
+
+
+def _report_relay(relay: dict[str, Any]) -> None:
+    _say(f"platform {PLATFORM} relays 3 dispatches in its own ids:")
+    for outcome in relay["outcomes"]:
+        extra = outcome.get("reason") or "; ".join(outcome.get("unreconciled") or ()) or \
+            "mapped"
+        _say(f"  {outcome['external_id']} → {outcome['status']}: {extra}")
+    for item in relay["released"]:
+        _say(f"  FSP mapped: held {item['external_id']} relayed to {item['fsp']} at once")
+    _say(f"  {PLATFORM}:ORD-2 reconciled ({relay['reconciled']}); still unreconciled: "
+         + ", ".join(i["id"] for i in relay["left"]["unreconciled"])
+         + " (settlement holds it back)")
+
+
 async def _summarise(url: str, tokens: dict[str, str]) -> Counter[str]:
     return Counter([item["state"] async for item in every_instruction(url, tokens.values())])
 
@@ -247,7 +297,13 @@ async def _run(out: Path, instructions: int, rate: float) -> int:
     with LocalMosquitto(directory=out / "mosquitto") as broker, _smtp_sink() as (mailbox, port):
         _say(f"mosquitto: {broker.url}; SMTP sink: 127.0.0.1:{port} (private, loopback only)")
         config = out / "config.toml"
-        config.write_text(config.read_text() + f"\n[email]\nenabled = true\nport = {port}\n")
+        platform_token = secrets_module.token_urlsafe(24)
+        tokens["platform"] = {PLATFORM: platform_token}
+        config.write_text(
+            config.read_text() + f"\n[email]\nenabled = true\nport = {port}\n"
+            f'\n[relay.platforms.{PLATFORM}]\nso = "SO1"\n'
+            f'\n[[auth.principals]]\nrole = "platform"\nid = "{PLATFORM}"\n'
+            f'token_sha256 = "{token_digest(platform_token)}"\n')
         env = {f"DEMO_WEBHOOK_SECRET_{f}": secret for f, secret in secrets.items()}
         service = DispatchdProcess(config, mqtt_url=broker.url, env=env).start()
         _say(f"dispatchd: {service.url} (journal {out}/journal.sqlite3, log {service.log_path})")
@@ -339,7 +395,11 @@ async def _exercise(book: ContractBook, tokens: dict[str, dict[str, str]],
             _say(f"control room: issuing {instructions} instructions at {rate:g}/s …")
             seen = await _control_room(service.url, tokens["so"], book, instructions, rate)
             _report_control_room(seen)
-            expected = len(seen["accepted"]) + 2  # plus the amendment and the cancellation
+            relay = await _relay_platform(service.url, tokens["platform"][PLATFORM],
+                                          tokens["so"], _relay_contract(book, behaviours))
+            _report_relay(relay)
+            # plus the amendment, the cancellation and the three relayed dispatches
+            expected = len(seen["accepted"]) + 2 + 3
             _say(f"waiting for delivery and answers (respond-by is "
                  f"{RESPOND_WITHIN.seconds}s) …")
             await wait_for(lambda: sum(len(s.received) for s in sims.values()) >= expected, 20)
@@ -351,6 +411,13 @@ async def _exercise(book: ContractBook, tokens: dict[str, dict[str, str]],
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return await _report(sims, mailbox, so_events, states, seen, expected, service)
+
+
+def _relay_contract(book: ContractBook, behaviours: dict[str, FspBehaviour]) -> Any:
+    """A contract of SO1 whose FSP listens on MQTT and answers at once."""
+    return next(c for c in _rotation(book) if c.so == "SO1"
+                and book.fsps[c.fsp].endpoints.channels == (Channel.MQTT,)
+                and behaviours[c.fsp].ack_delay_s == 0.05)
 
 
 def _report_control_room(seen: dict[str, Any]) -> None:

@@ -101,7 +101,7 @@ def generate(book: ContractBook, log: pl.DataFrame, month: str, out: Path, *,
                 "meter_id": asset.meter_id, "period_start": instants, "kwh": values.round(3),
                 "flow": flow, "quality": "actual"}))
     fleet = pl.concat(frames)
-    settled = latest.filter(pl.col("state").is_in(SETTLED))
+    settled = latest.filter(pl.col("state").is_in(SETTLED) & (pl.col("assets").list.len() > 0))
     if settled.height and dispatched:
         victim = settled.row(0, named=True)
         meter = book.assets[victim["assets"][0]].meter_id

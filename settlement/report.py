@@ -158,9 +158,12 @@ def render(s: Settlement, *, title: str, turn_up: dict[str, bool], fsp: str | No
     if fsp is None:
         problems = s.problems
     else:
-        contracts = set(lines["contract_id"].to_list()) | set(
-            s.instructions.filter(pl.col("fsp") == fsp)["contract_id"].to_list())
-        problems = s.problems.filter(pl.col("contract_id").is_in(sorted(contracts)))
+        theirs = s.instructions.filter(pl.col("fsp") == fsp)
+        # a relayed instruction not yet mapped has no contract: it is found by its id
+        contracts = {c for c in (*lines["contract_id"].to_list(),
+                                 *theirs["contract_id"].to_list()) if c is not None}
+        problems = s.problems.filter(pl.col("contract_id").is_in(sorted(contracts))
+                                     | pl.col("instruction_id").is_in(theirs["id"].to_list()))
     payable, held = payable_and_held(lines)
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",

@@ -151,3 +151,22 @@ def test_an_unreconciled_relayed_instruction_holds_its_contract(tmp_path: Path) 
     problem = result.settlement.problems.row(0, named=True)
     assert (problem["kind"], problem["instruction_id"]) == ("unreconciled", "R1")
     assert "piclo" in problem["detail"] and "map the external id" in problem["action"]
+
+
+def test_a_relayed_instruction_without_a_contract_is_listed_on_its_fsps_page(
+        tmp_path: Path) -> None:
+    """As exported before reconciliation: no contract, no assets. Nothing is invoiced for
+    it, the other lines are untouched, and its FSP's report page names the problem."""
+    relayed = dispatch_log().filter(pl.col("id") == "I1").with_columns(
+        id=pl.lit("R2"), contract_id=pl.lit(None, pl.String),
+        assets=pl.lit([], pl.List(pl.String)), external_platform=pl.lit("dsoflex"),
+        external_id=pl.lit("ORD-3"), reconciliation=pl.lit("unmapped"))
+    plain = settle_fixture(tmp_path / "plain").settlement.lines
+    result = settle_fixture(tmp_path / "relayed", log=pl.concat([dispatch_log(), relayed]))
+    assert result.settlement.lines.equals(plain)
+    problem = result.settlement.problems.row(0, named=True)
+    assert (problem["kind"], problem["contract_id"], problem["instruction_id"]) == (
+        "unreconciled", None, "R2")
+    fsp = relayed["fsp"][0]
+    page = (result.directory / "fsp" / f"{fsp}.html").read_text()
+    assert "R2" in page and "dsoflex" in page
