@@ -105,16 +105,20 @@ def test_serve_reports_a_bad_config_clearly(tmp_path: Path) -> None:
 @pytest.mark.broker
 @pytest.mark.service
 def test_demo_runs_and_reports(tmp_path: Path) -> None:
-    """The demo, small: every revision delivered on every kind of channel, nothing out of
-    order, some expired and escalated by email; then the month's meter data generated,
-    ingested (defects quarantined) and settled, with a report."""
+    """The demo, small: every revision delivered on every kind of channel (the relayed
+    ones too), nothing out of order, some expired and escalated by email, a relayed
+    dispatch held and released; then the month's meter data generated, ingested (defects
+    quarantined) and settled, with a report."""
     result = subprocess.run(
         [sys.executable, "-m", "dispatchd.cli", "demo", "--out", str(tmp_path),
          "--instructions", "60", "--rate", "60"],
         capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert re.search(r"revisions delivered to FSPs *: 62 of 62", out)
+    assert re.search(r"revisions delivered to FSPs *: 65 of 65", out)  # 60 + 2 + 3 relayed
+    assert re.search(r"ORD-3 → held: .*'AGR-SOUTH', which is not mapped", out)
+    assert re.search(r"held ORD-3 relayed to FSP\d+ at once", out)
+    assert "still unreconciled: dsoflex:ORD-3" in out
     assert re.search(r"out-of-order revisions *: 0", out)
     assert re.search(r"expired [1-9]", out)
     assert re.search(r"accepted → received \(websocket\) *: p50", out)

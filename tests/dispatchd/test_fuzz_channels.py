@@ -45,18 +45,23 @@ garbage = st.one_of(
 )
 
 
-def _cases(count: int) -> list[bytes]:
-    """``count`` garbage payloads, drawn reproducibly."""
-    found: list[bytes] = []
+def drawn(strategy: st.SearchStrategy[Any], count: int) -> list[Any]:
+    """``count`` values of ``strategy``, drawn reproducibly (the same in every run)."""
+    found: list[Any] = []
 
     @settings(max_examples=count, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(garbage)
-    def draw(payload: bytes) -> None:
-        found.append(payload)
+    @given(strategy)
+    def draw(value: Any) -> None:
+        found.append(value)
 
     draw()
-    return found[:count] or [b""]
+    return found[:count]
+
+
+def _cases(count: int) -> list[bytes]:
+    """``count`` garbage payloads."""
+    return drawn(garbage, count) or [b""]
 
 
 @pytest.mark.broker

@@ -12,7 +12,6 @@ from base64 import b64decode
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.bindings import crypto_sign
 from shapeshifter_uftp import transport
@@ -23,7 +22,7 @@ from dispatchd.localstack import LocalMosquitto
 from dispatchd.simulate import wait_for
 from dispatchd.uftp import ENDPOINT
 from tests.dispatchd.conftest import auth, running
-from tests.dispatchd.test_fuzz_channels import json_values
+from tests.dispatchd.test_fuzz_channels import drawn, json_values
 from tests.dispatchd.test_relay import PLATFORM, dispatch
 from tests.dispatchd.test_uftp import DSO, World, mapped, order, send
 
@@ -46,28 +45,15 @@ dispatch_like = st.fixed_dictionaries({}, optional={
 })
 
 
-def _cases(strategy: st.SearchStrategy[Any], count: int) -> list[Any]:
-    found: list[Any] = []
-
-    @settings(max_examples=count, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(strategy)
-    def draw(value: Any) -> None:
-        found.append(value)
-
-    draw()
-    return found[:count]
-
-
 def test_garbage_to_relay_and_uftp_never_breaks_the_service(
         tmp_path: Any, broker: LocalMosquitto, live_book: ContractBook) -> None:
     world = World(tmp_path, broker, live_book)
-    relay_bodies = [*(json.dumps(v).encode() for v in _cases(json_values, 80)),
-                    *(json.dumps(v).encode() for v in _cases(dispatch_like, 120)),
-                    *_cases(st.binary(max_size=200), 40)]
-    uftp_bodies = [*_cases(st.binary(max_size=300), 60), *_cases(xml_like, 60)]
+    relay_bodies = [*(json.dumps(v).encode() for v in drawn(json_values, 80)),
+                    *(json.dumps(v).encode() for v in drawn(dispatch_like, 120)),
+                    *drawn(st.binary(max_size=200), 40)]
+    uftp_bodies = [*drawn(st.binary(max_size=300), 60), *drawn(xml_like, 60)]
     signed_inner = [b"<FlexOrder/>", b"not xml", b"<TestMessage Version='9'/>",
-                    *_cases(xml_like, 30)]
+                    *drawn(xml_like, 30)]
 
     async def scenario() -> None:
         async with running(world.config, live_book, broker, environ=world.environ) as stack:
