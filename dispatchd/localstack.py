@@ -7,6 +7,7 @@ configuration into a directory it owns and listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,7 +36,31 @@ def find_mosquitto() -> str:
     return found
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range.
+
+    A server that restarts on the same port (a killed broker, a restarted dispatchd) must
+    not find it taken by an outgoing connection: a client reconnecting to a port in the
+    ephemeral range while nothing listens there can be given that same port as its own
+    source port and connect to itself (TCP simultaneous open), holding the port.
+    """
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, max(20_001, low))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
