@@ -49,7 +49,6 @@ from dispatchd.core.instruction import PERIOD, Kind
 
 PREFIX = "/openadr3"
 UNRECONCILED_PROGRAM = "unreconciled"
-KINDS = ("vens", "resources", "subscriptions", "reports")
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -183,11 +182,6 @@ class Store:
             rows = self._conn.execute(
                 "SELECT body FROM openadr WHERE kind=? AND fsp=? ORDER BY rowid", (kind, fsp))
         return [dict(json.loads(r[0])) for r in rows]
-
-    def fsp_of(self, kind: str, object_id: str) -> str | None:
-        row = self._conn.execute("SELECT fsp FROM openadr WHERE kind=? AND id=?",
-                                 (kind, object_id)).fetchone()
-        return None if row is None else str(row[0])
 
     def delete(self, kind: str, fsp: str, object_id: str) -> None:
         self._conn.execute("DELETE FROM openadr WHERE kind=? AND id=? AND fsp=?",

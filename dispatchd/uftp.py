@@ -229,12 +229,6 @@ def order_dispatch(order: FlexOrder, config: UftpConfig) -> ExternalDispatch:
         note=note)
 
 
-def order_said(order: FlexOrder) -> dict[str, Any]:
-    """What an order says, for "same MessageID, same content?" (the timestamp aside)."""
-    said = transport.to_xml(order)
-    return {"uftp": re.sub(r' TimeStamp="[^"]*"', "", said)}
-
-
 def response_to(message: PayloadMessage, *, accepted: bool, reason: str | None,
                 our_domain: str) -> PayloadMessageResponse | None:
     """The response message the specification pairs with ``message`` (None: there is
