@@ -14,6 +14,7 @@ from dispatchd.openadr import (
     PREFIX,
     UNRECONCILED_PROGRAM,
     Client,
+    ack_of_report,
     basic_credentials,
     event,
     is_live,
@@ -222,7 +223,7 @@ def add_openadr(app: FastAPI, service: Service) -> None:
         report["programID"] = view.latest.instruction.contract_id or UNRECONCILED_PROGRAM
         # A report on the event shows the VEN has it: the revision's OpenADR delivery.
         service.openadr_reached(view)
-        answer = service.openadr_ack_of(report)
+        answer = ack_of_report(report)
         if answer is not None:
             response, reason = answer
             try:

@@ -93,6 +93,7 @@ from dispatchd.core.instruction import (
     CancelRequest,
     Instruction,
     InstructionRequest,
+    RelayedRequest,
     Response,
     message_type,
 )
@@ -103,7 +104,6 @@ from dispatchd.journal import Journal, JournalError, JournalSettings
 from dispatchd.metrics import Metrics
 from dispatchd.openadr import Store as OpenadrStore
 from dispatchd.openadr import Tokens as OpenadrTokens
-from dispatchd.openadr import ack_of_report as openadr_ack_of_report
 from dispatchd.openadr import event as openadr_event
 from dispatchd.relay import KINDS as RELAY_KINDS
 from dispatchd.relay import (
@@ -111,6 +111,7 @@ from dispatchd.relay import (
     Mapper,
     MapperError,
     Unidentified,
+    held_key,
     load_mapper,
 )
 from dispatchd.relay import dispatch_json as relay_dispatch_json
@@ -194,6 +195,20 @@ def _uftp_settings(config: Config, environ: Mapping[str, str]) -> str | None:
         raise ConfigError(f"{len(problems)} UFTP setting problem(s):\n  "
                           + "\n  ".join(problems))
     return key
+
+
+def _openadr_callbacks(subscriptions: list[dict[str, Any]], operation: str, program_id: str
+                       ) -> list[tuple[str, str | None]]:
+    """(callback URL, bearer token) of each subscription wanting this event operation."""
+    found = []
+    for subscription in subscriptions:
+        if subscription.get("programID") not in (None, program_id):
+            continue
+        for wanted in subscription.get("objectOperations") or []:
+            if "EVENT" in (wanted.get("objects") or []) and \
+                    operation in (wanted.get("operations") or []):
+                found.append((str(wanted["callbackUrl"]), wanted.get("bearerToken")))
+    return found
 
 
 def _uftp_temporary(exc: BaseException) -> bool:
@@ -556,22 +571,30 @@ class Service:
             log.error("could not journal %s of %s rev %d: %s", record.event.value, record.id,
                       record.revision, exc)
 
+    async def _journal_or_503(self, record: Record) -> None:
+        """Journal and apply a record someone waits for; a journal that cannot take it is
+        a 503 with the reason (nothing was accepted)."""
+        try:
+            await self._journal_and_apply(record)
+        except JournalError as exc:
+            raise Refusal(503, (Problem("journal", f"not accepted: {exc}"),),
+                          retry_after=1) from exc
+
     async def _journal_and_apply(self, record: Record) -> None:
         seq = await self.journal.append(record)
         now = self.clock()
         actions = self.engine.apply(record, seq, now)
+        view = None
         if not isinstance(record, RelayRecorded):
             view = self.engine.view(record.id if isinstance(record, EventRecorded)
                                     else record.instruction.id)
             if view is not None:
                 self._observe(record, view, now)
         self._execute(actions)
-        if isinstance(record, EventRecorded) and record.revision == 0 and record.event in (
-                Event.FSP_ACCEPTED, Event.FSP_REJECTED, Event.RESPONSE_DEADLINE) \
-                and self.config.uftp.dsos:
-            view = self.engine.view(record.id)
-            if view is not None:
-                self._uftp_answer(view)
+        if view is not None and isinstance(record, EventRecorded) and record.revision == 0 \
+                and record.event in (Event.FSP_ACCEPTED, Event.FSP_REJECTED,
+                                     Event.RESPONSE_DEADLINE) and self.config.uftp.dsos:
+            self._uftp_answer(view)
 
     def _observe(self, record: EventRecorded | RevisionRecorded, view: InstructionView,
                  now: dt.datetime) -> None:
@@ -622,11 +645,7 @@ class Service:
             view = self.engine.view(decision.id)
             assert view is not None
             return view, False
-        try:
-            await self._journal_and_apply(decision)
-        except JournalError as exc:
-            raise Refusal(503, (Problem("journal", f"not accepted: {exc}"),),
-                          retry_after=1) from exc
+        await self._journal_or_503(decision)
         instruction_id = (decision.id if isinstance(decision, EventRecorded)
                           else decision.instruction.id)
         view = self.engine.view(instruction_id)
@@ -697,9 +716,8 @@ class Service:
                 view, created = await self.cancel(settings.so, our_id, CancelRequest(
                     reason=dispatch.reason or f"cancelled on {platform}"))
             except Refusal as refusal:
-                key = f"{platform}:{dispatch.external_id}"
-                if refusal.status != 404 or key not in {
-                        h.key for h in self.engine.held(settings.so)}:
+                key = held_key(platform, dispatch.external_id)
+                if refusal.status != 404 or self.engine.held_message(key) is None:
                     raise MapperError(f"cancel {dispatch.external_id}: "
                                       f"{refusal.problems[0].reason}") from refusal
                 why = dispatch.reason or f"cancelled on {platform}"
@@ -711,27 +729,40 @@ class Service:
                                f"delivered; now withdrawn: {why}"}
             return base | {"status": "relayed" if created else "repeat",
                            "revision": view.latest.instruction.revision}
-        resolved = relay_resolve(
-            dispatch, platform=platform, so=settings.so, lookup=self.engine.mapping,
-            book=self.book, now=self.clock(), response_minutes=settings.response_minutes)
+        resolved = self._resolve(platform, settings, dispatch)
         if isinstance(resolved, Unidentified):
             return base | await self._hold(platform, settings, dispatch, raw, resolved.reason)
-        async with self._serial(resolved.id):
-            decision = self.engine.decide_relay(settings.so, resolved, self.clock())
-            if isinstance(decision, Refused):
-                raise MapperError(f"dispatch {dispatch.external_id}: " + "; ".join(
-                    f"{p.field}: {p.reason}" for p in decision.problems),
-                    conflict=decision.status == 409)
-            view, created = await self._carry_out(decision)
+        relayed = await self._relay_resolved(settings.so, resolved)
+        if isinstance(relayed, Refused):
+            raise MapperError(f"dispatch {dispatch.external_id}: " + "; ".join(
+                f"{p.field}: {p.reason}" for p in relayed.problems),
+                conflict=relayed.status == 409)
+        view, created = relayed
         unreconciled = list(view.latest.instruction.unreconciled)
         return base | {"status": "relayed" if created else "repeat", "fsp": view.fsp,
                        "state": view.state.value, "unreconciled": unreconciled,
                        "status_url": f"{self.base_url}/v1/instructions/{view.id}"}
 
+    def _resolve(self, platform: str, settings: RelayPlatform, dispatch: ExternalDispatch
+                 ) -> RelayedRequest | Unidentified:
+        """``dispatch`` in our ids, as far as the mapping table goes now."""
+        return relay_resolve(
+            dispatch, platform=platform, so=settings.so, lookup=self.engine.mapping,
+            book=self.book, now=self.clock(), response_minutes=settings.response_minutes)
+
+    async def _relay_resolved(self, so: str, resolved: RelayedRequest
+                              ) -> Refused | tuple[InstructionView, bool]:
+        """Journal and deliver a relayed instruction (or say why it cannot be one)."""
+        async with self._serial(resolved.id):
+            decision = self.engine.decide_relay(so, resolved, self.clock())
+            if isinstance(decision, Refused):
+                return decision
+            return await self._carry_out(decision)
+
     async def _hold(self, platform: str, settings: RelayPlatform, dispatch: ExternalDispatch,
                     raw: bytes, reason: str) -> dict[str, Any]:
-        key = f"{platform}:{dispatch.external_id}"
-        already = {h.key: h for h in self.engine.held(settings.so)}.get(key)
+        key = held_key(platform, dispatch.external_id)
+        already = self.engine.held_message(key)
         if already is not None:
             if already.dispatch != relay_dispatch_json(dispatch):
                 raise MapperError(f"dispatch {dispatch.external_id} is held with other "
@@ -744,7 +775,9 @@ class Service:
         await self._journal_or_503(record)
         self.metrics.relay_held_total.labels(platform).inc()
         log.warning("held %s dispatch %s: %s", platform, dispatch.external_id, reason)
-        self._tell_operations(self.engine.held(settings.so)[-1])
+        held = self.engine.held_message(key)
+        assert held is not None  # just journaled and applied
+        self._tell_operations(held)
         return {"status": "held", "reason": reason}
 
     # ------------------------------------------------------------------ UFTP
@@ -885,10 +918,6 @@ class Service:
         latest = view.latest
         self._handed_over(view.id, latest.instruction.revision, "openadr", latest.accepted_at)
 
-    @staticmethod
-    def openadr_ack_of(report: dict[str, Any]) -> tuple[str, str | None] | None:
-        return openadr_ack_of_report(report)
-
     def _openadr_notify(self, fsp: str) -> None:
         """Tell ``fsp``'s VENs of each new instruction, amendment and cancellation: by
         webhook to their subscriptions and on the broker."""
@@ -896,7 +925,8 @@ class Service:
         end = self.engine.feed_length("fsp", fsp)
         self._openadr_cursor[fsp] = end
         vens = self.openadr_store.all("vens", fsp)
-        if not vens and not self.openadr_store.all("subscriptions", fsp):
+        subscriptions = self.openadr_store.all("subscriptions", fsp)
+        if not vens and not subscriptions:
             return  # no VEN of this FSP to tell
         for number in range(max(start + 1, self.engine.feed_first("fsp", fsp)), end + 1):
             entry = self.engine.feed_event("fsp", fsp, number)
@@ -911,7 +941,8 @@ class Service:
             payload = json.dumps(notification, separators=(",", ":")).encode()
             handed = partial(self._handed_over, view.id, entry["revision"], "openadr",
                              view.revisions[entry["revision"]].accepted_at)
-            for url, token in self._openadr_callbacks(fsp, operation, shown["programID"]):
+            for url, token in _openadr_callbacks(subscriptions, operation,
+                                                 shown["programID"]):
                 self._spawn(self._openadr_webhook(url, token, payload, handed))
             if self.config.mqtt.enabled and vens:
                 prefix = self.config.openadr.mqtt_topic_prefix
@@ -920,18 +951,6 @@ class Service:
                          *(f"vens/{v['id']}/events" for v in vens)]
                 for path in paths:
                     self.mqtt.enqueue(Outgoing(f"{prefix}/{path}/{verb}", payload, handed))
-
-    def _openadr_callbacks(self, fsp: str, operation: str, program_id: str
-                           ) -> list[tuple[str, str | None]]:
-        found = []
-        for subscription in self.openadr_store.all("subscriptions", fsp):
-            if subscription.get("programID") not in (None, program_id):
-                continue
-            for wanted in subscription.get("objectOperations") or []:
-                if "EVENT" in (wanted.get("objects") or []) and \
-                        operation in (wanted.get("operations") or []):
-                    found.append((str(wanted["callbackUrl"]), wanted.get("bearerToken")))
-        return found
 
     async def _openadr_webhook(self, url: str, token: str | None, payload: bytes,
                                handed: Callable[[], None]) -> None:
@@ -960,12 +979,6 @@ class Service:
             log.error("OpenADR notification to %s refused: HTTP %d", url,
                       response.status_code)
 
-    async def _journal_or_503(self, record: RelayRecorded) -> None:
-        try:
-            await self._journal_and_apply(record)
-        except JournalError as exc:
-            raise Refusal(503, (Problem("journal", f"not recorded: {exc}"),),
-                          retry_after=1) from exc
 
     def _tell_operations(self, held: HeldMessage) -> None:
         to = self.config.relay.operations_emails
@@ -1009,18 +1022,15 @@ class Service:
         for held in self.engine.held(so):
             if held.platform != platform:
                 continue
-            dispatch = ExternalDispatch.model_validate(held.dispatch)
-            resolved = relay_resolve(
-                dispatch, platform=platform, so=so, lookup=self.engine.mapping,
-                book=self.book, now=self.clock(), response_minutes=settings.response_minutes)
+            resolved = self._resolve(platform, settings,
+                                     ExternalDispatch.model_validate(held.dispatch))
             if isinstance(resolved, Unidentified):
                 continue
-            async with self._serial(resolved.id):
-                decision = self.engine.decide_relay(so, resolved, self.clock())
-                if isinstance(decision, Refused):
-                    log.error("held %s cannot be relayed: %s", held.key, decision.problems)
-                    continue
-                view, _ = await self._carry_out(decision)
+            relayed = await self._relay_resolved(so, resolved)
+            if isinstance(relayed, Refused):
+                log.error("held %s cannot be relayed: %s", held.key, relayed.problems)
+                continue
+            view, _ = relayed
             await self._journal_or_503(RelayRecorded(
                 RelayKind.RELEASED, held.key, self.clock(),
                 {"platform": platform, "so": so, "instruction_id": view.id}))

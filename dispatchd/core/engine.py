@@ -592,6 +592,10 @@ class Dispatcher:
         """Every mapping of ``platform`` as (kind, external, ours), sorted."""
         return sorted((k, e, o) for (p, k, e), o in self._mappings.items() if p == platform)
 
+    def held_message(self, key: str) -> HeldMessage | None:
+        """The held message with ``key`` (``platform:external id``), if still held."""
+        return self._held.get(key)
+
     def held(self, so: str | None = None) -> list[HeldMessage]:
         """Relayed messages waiting for a mapping (of one SO's platforms), oldest first."""
         return sorted((h for h in self._held.values() if so is None or h.so == so),

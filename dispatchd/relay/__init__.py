@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import importlib
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,8 +85,6 @@ class JsonMapper:
     ``direction``, ``capacity_mw`` or ``profile_mw``, ``start``, ``end``, ...)."""
 
     def parse(self, body: bytes, content_type: str) -> Sequence[ExternalDispatch]:
-        import json
-
         try:
             data = json.loads(body)
         except ValueError as exc:
@@ -124,6 +123,11 @@ def load_mapper(name: str) -> Mapper:
 
 
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def held_key(platform: str, external_id: str) -> str:
+    """The key a dispatch is held under while its FSP is not mapped."""
+    return f"{platform}:{external_id}"
 
 
 def instruction_id(platform: str, external_id: str) -> str:
