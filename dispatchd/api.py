@@ -419,7 +419,7 @@ def create_app(service: Service) -> Any:
         held = [{"key": h.key, "platform": h.platform, "external_id": h.external_id,
                  "reason": h.reason, "at": h.at.isoformat(), "dispatch": h.dispatch}
                 for h in service.engine.held(who.id)]
-        unreconciled = [v.as_json() for v in service.engine.unreconciled_views(who.id)]
+        unreconciled = [v.as_json() for v in service.engine.unreconciled_views("so", who.id)]
         return _json({"held": held, "unreconciled": unreconciled})
 
     @app.post("/v1/instructions/{instruction_id}/reconcile",

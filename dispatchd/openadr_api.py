@@ -97,7 +97,8 @@ def add_openadr(app: FastAPI, service: Service) -> None:
         created = service.openadr_started
         found = [program(c.id, service.book, created) for c in service.book.contracts.values()
                  if c.fsp == who.fsp]
-        if any(v.latest.instruction.contract_id is None for v in service.openadr_views(who.fsp)):
+        if any(v.latest.instruction.contract_id is None
+               for v in service.engine.unreconciled_views("fsp", who.fsp)):
             found.append(program(UNRECONCILED_PROGRAM, service.book, created))
         return found
 

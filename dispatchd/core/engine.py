@@ -1107,10 +1107,12 @@ class Dispatcher:
                     found.append(view)
         return found
 
-    def unreconciled_views(self, so: str) -> list[InstructionView]:
-        """``so``'s relayed instructions still lacking their contract or assets."""
+    def unreconciled_views(self, role: str, principal: str) -> list[InstructionView]:
+        """The relayed instructions of ``principal`` (an ``so`` or ``fsp``) still lacking
+        their contract or assets."""
         found = [self.view(i) for i, t in self._tracked.items()
-                 if t.latest.instruction.unreconciled and t.latest.instruction.so == so]
+                 if t.latest.instruction.unreconciled
+                 and getattr(t.latest.instruction, role) == principal]
         return sorted((v for v in found if v is not None), key=lambda v: v.id)
 
     def unreconciled(self) -> int:
