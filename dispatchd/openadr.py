@@ -40,7 +40,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError
 
 from contracts.io import ContractBook
 from dispatchd.config import OpenadrConfig, token_digest
@@ -189,6 +191,66 @@ class Store:
 
     def close(self) -> None:
         self._conn.close()
+
+
+# ---------------------------------------------------------------------------- bodies
+# What a VEN sends is checked against these before anything is stored or acted on; other
+# fields of the OpenADR objects are kept as sent. Field names are OpenADR's (camelCase).
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class VenIn(_Body):
+    venName: str = Field(min_length=1, max_length=128)
+
+
+class ResourceIn(_Body):
+    resourceName: str = Field(min_length=1, max_length=128)
+    venID: str = Field(min_length=1, max_length=128)
+
+
+class ObjectOperationIn(_Body):
+    objects: list[Literal["PROGRAM", "EVENT", "REPORT", "SUBSCRIPTION", "VEN",
+                          "RESOURCE"]] = Field(min_length=1)
+    operations: list[Literal["GET", "POST", "PUT", "DELETE"]] = Field(min_length=1)
+    callbackUrl: AnyHttpUrl
+    bearerToken: str | None = Field(default=None, max_length=1000)
+
+
+class SubscriptionIn(_Body):
+    clientName: str = Field(min_length=1, max_length=128)
+    programID: str | None = Field(default=None, max_length=128)
+    objectOperations: list[ObjectOperationIn] = Field(min_length=1)
+
+
+class PayloadIn(_Body):
+    type: str = Field(min_length=1, max_length=64)
+    values: list[Any]
+
+
+class IntervalIn(_Body):
+    id: int
+    payloads: list[PayloadIn]
+
+
+class ReportResourceIn(_Body):
+    resourceName: str = Field(min_length=1, max_length=128)
+    intervals: list[IntervalIn]
+
+
+class ReportIn(_Body):
+    eventID: str = Field(min_length=1, max_length=128)
+    clientName: str = Field(min_length=1, max_length=128)
+    resources: list[ReportResourceIn] = Field(min_length=1)
+
+
+def problem_of(error: ValidationError) -> str:
+    """The first thing wrong with a body, named by its place."""
+    first = error.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    return f"{where}: {first['msg']}"
 
 
 def new_object(kind: str, body: dict[str, Any], client: Client, now: dt.datetime,

@@ -8,18 +8,24 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 
 from dispatchd.core.instruction import Ack
 from dispatchd.openadr import (
     PREFIX,
     UNRECONCILED_PROGRAM,
     Client,
+    ReportIn,
+    ResourceIn,
+    SubscriptionIn,
+    VenIn,
     ack_of_report,
     basic_credentials,
     event,
     is_live,
     mqtt_topics,
     new_object,
+    problem_of,
     program,
 )
 from dispatchd.service import Refusal, Service
@@ -67,6 +73,12 @@ def add_openadr(app: FastAPI, service: Service) -> None:
         if not isinstance(data, dict):
             raise OadrProblem(400, "the body is not a JSON object")
         return data
+
+    def checked(model: type[BaseModel], body: dict[str, Any]) -> None:
+        try:
+            model.model_validate(body)
+        except ValidationError as exc:
+            raise OadrProblem(400, problem_of(exc)) from None
 
     # ---------------------------------------------------------------- auth
 
@@ -157,9 +169,8 @@ def add_openadr(app: FastAPI, service: Service) -> None:
     @router.post("/vens", status_code=201)
     async def post_ven(who: Who, body: Annotated[dict[str, Any], Depends(body_of)]
                        ) -> dict[str, Any]:
-        name = body.get("venName")
-        if not isinstance(name, str) or not name:
-            raise OadrProblem(400, "venName is needed")
+        checked(VenIn, body)
+        name = body["venName"]
         if any(v["venName"] == name for v in store.all("vens")):
             raise OadrProblem(409, f"a VEN named {name} exists")
         return stored("vens", who, body)
@@ -174,9 +185,8 @@ def add_openadr(app: FastAPI, service: Service) -> None:
     @router.post("/resources", status_code=201)
     async def post_resource(who: Who, body: Annotated[dict[str, Any], Depends(body_of)]
                             ) -> dict[str, Any]:
-        owned("vens", who, str(body.get("venID")))
-        if not isinstance(body.get("resourceName"), str):
-            raise OadrProblem(400, "resourceName is needed")
+        checked(ResourceIn, body)
+        owned("vens", who, body["venID"])
         return stored("resources", who, body)
 
     @router.get("/subscriptions")
@@ -189,11 +199,7 @@ def add_openadr(app: FastAPI, service: Service) -> None:
     @router.post("/subscriptions", status_code=201)
     async def post_subscription(who: Who, body: Annotated[dict[str, Any], Depends(body_of)]
                                 ) -> dict[str, Any]:
-        operations = body.get("objectOperations")
-        if not isinstance(operations, list) or not operations or not all(
-                isinstance(o, dict) and str(o.get("callbackUrl", "")).startswith("http")
-                for o in operations):
-            raise OadrProblem(400, "objectOperations with a callbackUrl each are needed")
+        checked(SubscriptionIn, body)
         return stored("subscriptions", who, body)
 
     @router.get("/subscriptions/{subscription_id}")
@@ -216,7 +222,8 @@ def add_openadr(app: FastAPI, service: Service) -> None:
     @router.post("/reports", status_code=201)
     async def post_report(who: Who, body: Annotated[dict[str, Any], Depends(body_of)]
                           ) -> dict[str, Any]:
-        event_id = str(body.get("eventID"))
+        checked(ReportIn, body)
+        event_id = body["eventID"]
         view = service.engine.visible(event_id, "fsp", who.fsp)
         if view is None:
             raise OadrProblem(404, f"no event {event_id}")
@@ -231,6 +238,9 @@ def add_openadr(app: FastAPI, service: Service) -> None:
                 await service.acknowledge(who.fsp, event_id, Ack(
                     id=event_id, revision=view.latest.instruction.revision,
                     response=response, reason=reason))  # type: ignore[arg-type]
+            except ValidationError as exc:
+                raise OadrProblem(400, f"the report as an answer: {problem_of(exc)}"
+                                  ) from None
             except Refusal as refusal:
                 raise OadrProblem(409, "; ".join(p.reason for p in refusal.problems)
                                   ) from refusal

@@ -198,3 +198,37 @@ def test_oadr_notifiers_name_the_broker_and_per_ven_topics(
                             headers=theirs)).status_code == 404
 
     scenario(tmp_path, broker, live_book, body)
+
+
+def test_oadr_bodies_of_the_wrong_shape_are_refused_and_dispatch_goes_on(
+        tmp_path: Path, broker: LocalMosquitto, live_book: ContractBook) -> None:
+    """VENs, resources, subscriptions, reports: a body of the wrong shape is a 400 naming
+    the field, and nothing is stored; the SO's next instruction is accepted and delivered
+    as usual (a stored subscription of the wrong shape once made it fail)."""
+    async def body(stack: Stack, contract: Any, mine: dict[str, str], _: Any) -> None:
+        c = stack.client
+        for path, sent, field in (
+                ("/openadr3/vens", {"venName": 5}, "venName"),
+                ("/openadr3/resources", {"resourceName": "r"}, "venID"),
+                ("/openadr3/subscriptions", {"clientName": "x", "objectOperations": [
+                    {"objects": 5, "operations": ["POST"], "callbackUrl": "http://x"}]},
+                 "objectOperations.0.objects"),
+                ("/openadr3/subscriptions", {"clientName": "x", "objectOperations": [
+                    {"objects": ["EVENT"], "operations": ["POST"],
+                     "callbackUrl": "ftp://x"}]}, "objectOperations.0.callbackUrl"),
+                ("/openadr3/reports", {"eventID": "z1", "clientName": "v",
+                                       "resources": ["oops"]}, "resources.0")):
+            r = await c.post(path, headers=mine, json=sent)
+            assert r.status_code == 400, (path, r.text)
+            assert r.json()["detail"].startswith(field), r.json()
+        assert (await c.get("/openadr3/subscriptions", headers=mine)).json() == []
+        r = await c.post("/v1/instructions", headers=auth("so", contract.so),
+                         json=instruction(contract, id="z1"))
+        assert r.status_code == 202, r.text
+        long_reason = {"eventID": "z1", "clientName": "v", "resources": [{
+            "resourceName": "r", "intervals": [{"id": 0, "payloads": [
+                {"type": "OPERATING_STATE", "values": ["REJECTED", "x" * 2000]}]}]}]}
+        r = await c.post("/openadr3/reports", headers=mine, json=long_reason)
+        assert r.status_code == 400 and "reason" in r.json()["detail"]
+
+    scenario(tmp_path, broker, live_book, body)
