@@ -77,6 +77,9 @@ ISP_CONFLICT = "ISP conflict"
 PERIOD_OUT_OF_BOUNDS = "Period out of bounds"
 
 
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+
+
 class TransportRefusal(Exception):
     """A message refused before it was unsealed: answered with an HTTP status only."""
 
@@ -122,7 +125,24 @@ def open_signed(body: bytes, content_type: str, config: UftpConfig) -> Opened:
                                f"{signed.sender_domain}") from None
     except SchemaException as exc:
         raise TransportRefusal(400, f"the unsealed message is not valid: {exc}") from None
+    metadata = _metadata_problem(inner)
+    if metadata is not None:
+        raise TransportRefusal(400, f"the unsealed message is not valid: {metadata}")
     return Opened(signed.sender_domain or "", dso, inner, transport.to_xml(inner))
+
+
+def _metadata_problem(message: PayloadMessage) -> str | None:
+    """What the schema requires of the metadata and the library's parser does not check:
+    a MessageID that is a UUID, a TimeStamp that is a time with its offset."""
+    if not _UUID.fullmatch(message.message_id or ""):
+        return f"MessageID {message.message_id!r} is not a UUID"
+    try:
+        stamped = dt.datetime.fromisoformat(message.time_stamp or "")
+    except ValueError:
+        stamped = None
+    if stamped is None or stamped.tzinfo is None:
+        return f"TimeStamp {message.time_stamp!r} is not a time with its offset"
+    return None
 
 
 def envelope_problems(opened: Opened, config: UftpConfig) -> list[str]:

@@ -499,3 +499,30 @@ def test_an_answer_not_yet_delivered_is_sent_after_a_restart(
             assert dso.responses(sent.message_id) == [], "answered twice"
 
     run(scenario())
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("time_stamp", None), ("time_stamp", "yesterday"), ("time_stamp", "2026-11-23T10:00:00"),
+    ("message_id", None), ("message_id", "order-1")])
+def test_transport_metadata_outside_the_schema_is_400(
+        world: World, broker: LocalMosquitto, live_book: ContractBook, field: str,
+        value: Any) -> None:
+    """"Message transport mechanism", Error handling: an unsealed body not compliant with
+    the schema is 400. The schema requires MessageID (a UUID) and TimeStamp (with its
+    offset), which the library's parser lets through; nothing is relayed."""
+    async def scenario() -> None:
+        async with running(world.config, live_book, broker, environ=world.environ) as stack:
+            await mapped(stack, world)
+            sent = order()
+            sent.sender_domain, sent.recipient_domain = DSO, world.agr_domain
+            sent.time_stamp = dt.datetime.now(dt.UTC).isoformat()
+            sent.conversation_id = str(uuid.uuid4())
+            setattr(sent, field, value)
+            signed = SignedMessage(sender_domain=DSO, sender_role=UsefRole.DSO,
+                                   body=transport.seal_message(sent, world.dso_private))
+            r = await post_xml(stack, transport.to_xml(signed))
+            assert r.status_code == 400, r.text
+            assert ("MessageID" if field == "message_id" else "TimeStamp") in r.text
+            assert stack.service.engine.ids() == []
+
+    run(scenario())
